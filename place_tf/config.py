@@ -1,0 +1,114 @@
+"""Typed configs (dataclasses) for data, model, objective and training.
+
+Flags (place_tf.train) and the TFX `custom_config` are converted into these once; the
+library only ever sees the dataclasses. Every [design] choice of the method
+(../shared/design/place-method.md) is a field here, so a later reading of the paper can
+change it without a rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class DataConfig:
+    corpus_dir: str = ""  # directory with manifest.json + TFRecord shards
+    image_size: int = 224
+    max_length: int = 112  # report tokens, [CLS] and [SEP] included
+    vocab_file: str = ""  # WordPiece vocabulary (one token per line)
+    vocab_size: int = 30522  # used when learning a vocabulary
+    augment: bool = True
+    shuffle_buffer: int = 2048
+    deterministic: bool = False
+    frontal_only: bool = True
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    image_encoder: str = "vit"  # "vit" | "resnet50"
+    image_size: int = 224
+    patch_size: int = 16
+    vit_layers: int = 12
+    vit_heads: int = 12
+    vit_width: int = 768
+    vit_mlp: int = 3072
+    text_layers: int = 6
+    text_heads: int = 12
+    text_width: int = 768
+    text_mlp: int = 3072
+    vocab_size: int = 30522
+    max_length: int = 112
+    embed_dim: int = 128  # shared projection space
+    num_queries: int = 16  # K pathology queries (VPOE / T-POR)
+    query_layers: int = 2
+    query_heads: int = 8
+    query_width: int = 256
+    cce_decoder_layers: int = 2
+    cce_decoder_width: int = 256
+    cce_mask_ratio: float = 0.5
+    num_prototypes: int = 500  # MGCA CPA
+    dropout: float = 0.0
+    image_init: str = ""  # local keras-hub preset directory (optional)
+    text_init: str = ""
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    name: str = "place"  # convirt | mgca | place | place_no_pcma | place_no_cce
+    lambda_ita: float = 1.0
+    lambda_pcma: float = 1.0
+    lambda_cce: float = 1.0
+    lambda_cta: float = 1.0
+    lambda_cpa: float = 1.0
+    temperature_init: float = 0.07
+    learn_temperature: bool = True
+    cce_target_temperature: float = 0.05
+    cce_student_temperature: float = 0.1
+    cce_teacher: str = "stopgrad"  # "stopgrad" | "ema"
+    ema_momentum: float = 0.996
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model_dir: str = "runs/quickstart"
+    per_replica_batch: int = 16
+    epochs: int = 1
+    steps_per_epoch: int = 0  # 0 = one pass over the data
+    max_steps: int = 0  # 0 = epochs * steps_per_epoch
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.05
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    warmup_steps: int = 0
+    strategy: str = "default"  # default | mirrored | multiworker | tpu
+    num_cpu_devices: int = 0  # >1: split the CPU into logical devices (tests, benchmarks)
+    jit_compile: bool = True
+    mixed_precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    max_bad_steps: int = 20  # non-finite losses tolerated before stopping
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build `cls` from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**d)
+
+
+def dumps(**cfgs: Any) -> str:
+    return json.dumps({k: to_dict(v) for k, v in cfgs.items()}, indent=2, sort_keys=True)

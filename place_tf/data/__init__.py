@@ -1,0 +1,1 @@
+"""Data: the TFRecord schema, SynthCXR, converters for public datasets, tokenizer, tf.data."""

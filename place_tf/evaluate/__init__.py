@@ -1,0 +1,1 @@
+"""Downstream evaluation tasks and metrics (`python -m place_tf.evaluate`)."""

@@ -1,0 +1,1 @@
+"""PLACE and baseline layers, one module per concept."""
