@@ -1,7 +1,6 @@
 """The project environment: the locked stack imports, Keras is 3.x on TensorFlow, and the
 TFX runtime (LocalDagRunner + sqlite MLMD) runs a custom component end to end."""
 
-
 import pytest
 from tfx.dsl.component.experimental.annotations import OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component

@@ -101,7 +101,9 @@ def split_files(corpus_dir: str, split: str) -> list[str]:
     """Absolute shard paths of one split, checked to exist (clear error naming the file)."""
     m = read_manifest(corpus_dir)
     if split not in m["splits"]:
-        raise ValueError(f"{corpus_dir}: split {split!r} not in manifest (has {sorted(m['splits'])})")
+        raise ValueError(
+            f"{corpus_dir}: split {split!r} not in manifest (has {sorted(m['splits'])})"
+        )
     files = [os.path.join(corpus_dir, n) for n in m["splits"][split]["shards"]]
     for p in files:
         if not os.path.exists(p):

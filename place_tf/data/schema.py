@@ -81,7 +81,9 @@ def label_index(name: str) -> int:
     try:
         return CHEXPERT_LABELS.index(name)
     except ValueError:
-        raise ValueError(f"unknown CheXpert label {name!r}; expected one of {CHEXPERT_LABELS}") from None
+        raise ValueError(
+            f"unknown CheXpert label {name!r}; expected one of {CHEXPERT_LABELS}"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -115,26 +117,38 @@ class ExampleRecord:
         if not self.image:
             raise ValueError(f"{where}: field 'image' is empty")
         if self.image_format not in ("png", "jpeg"):
-            raise ValueError(f"{where}: field 'image_format' must be png or jpeg, got {self.image_format!r}")
+            raise ValueError(
+                f"{where}: field 'image_format' must be png or jpeg, got {self.image_format!r}"
+            )
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"{where}: fields 'height'/'width' must be positive")
         if self.split not in SPLITS:
             raise ValueError(f"{where}: field 'split' must be one of {SPLITS}, got {self.split!r}")
         if len(self.chexpert) != NUM_CHEXPERT:
-            raise ValueError(f"{where}: field 'chexpert' needs {NUM_CHEXPERT} values, got {len(self.chexpert)}")
+            raise ValueError(
+                f"{where}: field 'chexpert' needs {NUM_CHEXPERT} values, got {len(self.chexpert)}"
+            )
         bad = [v for v in self.chexpert if v not in (1, 0, -1, LABEL_MISSING)]
         if bad:
-            raise ValueError(f"{where}: field 'chexpert' has values {bad} outside {{1, 0, -1, {LABEL_MISSING}}}")
+            raise ValueError(
+                f"{where}: field 'chexpert' has values {bad} outside {{1, 0, -1, {LABEL_MISSING}}}"
+            )
         if len(self.boxes) != len(self.box_labels):
-            raise ValueError(f"{where}: {len(self.boxes)} boxes but {len(self.box_labels)} box labels")
+            raise ValueError(
+                f"{where}: {len(self.boxes)} boxes but {len(self.box_labels)} box labels"
+            )
         for box in self.boxes:
             if len(box) != 4:
                 raise ValueError(f"{where}: field 'boxes' entries need 4 values, got {list(box)}")
             x0, y0, x1, y1 = box
             if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-                raise ValueError(f"{where}: box {list(box)} is not a normalised [xmin, ymin, xmax, ymax]")
+                raise ValueError(
+                    f"{where}: box {list(box)} is not a normalised [xmin, ymin, xmax, ymax]"
+                )
         if len(self.masks) != len(self.mask_labels):
-            raise ValueError(f"{where}: {len(self.masks)} masks but {len(self.mask_labels)} mask labels")
+            raise ValueError(
+                f"{where}: {len(self.masks)} masks but {len(self.mask_labels)} mask labels"
+            )
         for lab in list(self.box_labels) + list(self.mask_labels):
             if not 0 <= lab < NUM_CHEXPERT:
                 raise ValueError(f"{where}: annotation label {lab} is not a CheXpert index")
@@ -205,7 +219,9 @@ def from_example(example) -> ExampleRecord:
 
     version = i(VERSION)
     if version and version[0] != SCHEMA_VERSION:
-        raise ValueError(f"schema version {version[0]} is not supported (this code reads {SCHEMA_VERSION})")
+        raise ValueError(
+            f"schema version {version[0]} is not supported (this code reads {SCHEMA_VERSION})"
+        )
     boxes = np.asarray(f[BOXES].float_list.value, dtype=np.float32).reshape(-1, 4)
     return ExampleRecord(
         image=f[IMAGE].bytes_list.value[0] if f[IMAGE].bytes_list.value else b"",
