@@ -1,0 +1,86 @@
+"""tf.distribute strategy from a TrainConfig, and logical CPU devices for tests/benchmarks.
+
+Strategies: "default" (one device), "mirrored" (all local GPUs, else the logical CPU
+devices), "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG), "tpu" (TPUStrategy
+from a TPUClusterResolver; `PLACE_TPU` names the TPU, empty = local).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+
+
+def configure_cpu_devices(num_devices: int) -> None:
+    """Split the physical CPU into `num_devices` logical devices (before TF initialises).
+
+    Raises a clear error when TF is already initialised with a different split.
+    """
+    import tensorflow as tf
+
+    if num_devices <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+        )
+    except RuntimeError as e:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != num_devices:
+            raise RuntimeError(
+                f"cannot split the CPU into {num_devices} logical devices: TensorFlow is "
+                f"already initialised with {have}; set num_cpu_devices before any TF op runs"
+            ) from e
+
+
+def make_strategy(strategy: str, num_cpu_devices: int = 0):
+    import tensorflow as tf
+
+    if num_cpu_devices > 1:
+        configure_cpu_devices(num_cpu_devices)
+    if strategy == "default":
+        return tf.distribute.get_strategy()
+    if strategy == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        # Ring all-reduce between logical CPU devices; NCCL is for GPUs only.
+        return tf.distribute.MirroredStrategy(
+            cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+    if strategy == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy 'multiworker' needs the TF_CONFIG environment variable")
+        cfg = json.loads(os.environ["TF_CONFIG"])
+        logging.info(
+            "MultiWorkerMirroredStrategy: task %s of cluster %s",
+            cfg.get("task"),
+            {k: len(v) for k, v in cfg.get("cluster", {}).items()},
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=tf.distribute.experimental.CommunicationImplementation.RING
+            )
+        )
+    if strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=os.environ.get("PLACE_TPU", "")
+        )
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"unknown strategy {strategy!r}: use default, mirrored, multiworker or tpu")
+
+
+def is_chief(strategy) -> bool:
+    """True on the worker that writes summaries, the final model and the export."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type in ("chief", None) or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
