@@ -16,6 +16,10 @@ from typing import Any
 @dataclasses.dataclass
 class DataConfig:
     corpus_dir: str = ""  # directory with manifest.json + TFRecord shards
+    # Alternatively explicit TFRecord globs (comma-separated), e.g. TFX Examples splits;
+    # GZIP compression is detected from the ".gz" suffix.
+    train_files: str = ""
+    eval_files: str = ""
     image_size: int = 224
     max_length: int = 112  # report tokens, [CLS] and [SEP] included
     vocab_file: str = ""  # WordPiece vocabulary (one token per line)
@@ -108,6 +112,41 @@ def from_dict(cls, d: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
     return cls(**d)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+}
+
+
+def field_names() -> set[str]:
+    """All settable names; a name shared by sections (image_size, ...) sets all of them."""
+    return {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)} - {"name"}
+
+
+def from_flat(values: dict, objective: str = "place") -> dict:
+    """{"data": DataConfig, ...} from one flat dict of settings (CLI flags, TFX custom_config).
+
+    The objective starts from the named preset (place_tf.models.objectives); objective
+    keys in `values` override it. Unknown keys are an error naming them.
+    """
+    from place_tf.models import objectives
+
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise ValueError(f"unknown training settings: {unknown}")
+    out = {}
+    for section, cls in SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        picked = {k: v for k, v in values.items() if k in names}
+        if section == "objective":
+            out[section] = objectives.objective_config(objective, **picked)
+        else:
+            out[section] = cls(**picked)
+    return out
 
 
 def dumps(**cfgs: Any) -> str:

@@ -20,23 +20,14 @@ from absl import app, flags, logging
 from place_tf import config as config_lib
 
 FLAGS = flags.FLAGS
-_CONFIG_CLASSES = {
-    "data": config_lib.DataConfig,
-    "model": config_lib.ModelConfig,
-    "objective": config_lib.ObjectiveConfig,
-    "train": config_lib.TrainConfig,
-}
-
-
-_NOT_FLAGS = {("objective", "name")}  # chosen with --objective
 
 
 def define_config_flags() -> None:
     """One absl flag per config field (idempotent)."""
     seen: dict[str, object] = {}
-    for section, cls in _CONFIG_CLASSES.items():
+    for section, cls in config_lib.SECTIONS.items():
         for f in dataclasses.fields(cls):
-            if f.name in seen or f.name in FLAGS or (section, f.name) in _NOT_FLAGS:
+            if f.name in seen or f.name in FLAGS or f.name not in config_lib.field_names():
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             seen[f.name] = default
@@ -67,39 +58,15 @@ flags.DEFINE_enum(
 
 
 def configs_from_flags(overrides: dict | None = None):
-    """Build the four configs from parsed flags (plus `overrides`, e.g. TFX custom_config).
-
-    The objective starts from the --objective preset; objective flags given explicitly on
-    the command line or in a flag file (and keys in `overrides`) override the preset.
-    """
-    from place_tf.models import objectives
+    """Configs from parsed flags: the flags' values, with --objective's preset for the
+    objective fields not given explicitly (on the command line or in a flag file)."""
     from place_tf.trainer import Configs
 
-    overrides = dict(overrides or {})
-    names = _all_field_names()
-    values = {n: FLAGS[n].value for n in names if n in FLAGS}
-    values.update({k: v for k, v in overrides.items() if k in names})
-    unknown = sorted(set(overrides) - names - {"objective"})
-    if unknown:
-        raise ValueError(f"unknown training settings: {unknown}")
-    built = {}
-    for section, cls in _CONFIG_CLASSES.items():
-        if section == "objective":
-            continue
-        fields = {f.name for f in dataclasses.fields(cls)}
-        built[section] = cls(**{k: v for k, v in values.items() if k in fields})
-    obj_fields = {f.name for f in dataclasses.fields(config_lib.ObjectiveConfig)} - {"name"}
-    explicit = {
-        k: values[k] for k in obj_fields if k in overrides or (k in FLAGS and FLAGS[k].present)
-    }
-    built["objective"] = objectives.objective_config(
-        overrides.get("objective", FLAGS.objective), **explicit
-    )
-    return Configs(**built)
-
-
-def _all_field_names() -> set[str]:
-    return {f.name for cls in _CONFIG_CLASSES.values() for f in dataclasses.fields(cls)}
+    names = config_lib.field_names()
+    obj_fields = {f.name for f in dataclasses.fields(config_lib.ObjectiveConfig)}
+    values = {n: FLAGS[n].value for n in names if n not in obj_fields or FLAGS[n].present}
+    values.update(overrides or {})
+    return Configs(**config_lib.from_flat(values, FLAGS.objective))
 
 
 MIMIC_HINT = """\
@@ -124,7 +91,9 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
     synthetic.ensure_corpus(corpus_dir, synthetic_images, image_size=image_size, seed=seed)
 
 
-def run(cfg, synthetic_images: int = 0, synthetic_seed: int = 0, export: bool = True, probe: bool = True) -> dict:
+def run(
+    cfg, synthetic_images: int = 0, synthetic_seed: int = 0, export: bool = True, probe: bool = True
+) -> dict:
     """Library entry point (also used by the TFX run_fn): train, save, export, probe."""
     from place_tf.trainer import SUMMARY_FILE, Trainer
 
@@ -136,7 +105,9 @@ def run(cfg, synthetic_images: int = 0, synthetic_seed: int = 0, export: bool = 
         from place_tf import export as export_lib
 
         export_dir = os.path.join(model_dir, "export", "1")
-        export_lib.export_saved_model(trainer.model, trainer.tokenizer, export_dir, image_size=cfg.data.image_size)
+        export_lib.export_saved_model(
+            trainer.model, trainer.tokenizer, export_dir, image_size=cfg.data.image_size
+        )
         summary["export"] = export_dir
     if probe and "model" in summary:
         from place_tf.evaluate import linear_probe

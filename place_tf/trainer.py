@@ -167,6 +167,18 @@ class Trainer:
         vocab = d.vocab_file or os.path.join(d.corpus_dir, "vocab.txt")
         return tok.ReportTokenizer(tok.load_vocabulary(vocab), max_length=d.max_length)
 
+    def _train_source(self):
+        """A corpus directory (with manifest) or the expanded --train_files globs."""
+        import tensorflow as tf
+
+        d = self.cfg.data
+        if not d.train_files:
+            return d.corpus_dir
+        files = sorted(f for g in d.train_files.split(",") for f in tf.io.gfile.glob(g.strip()))
+        if not files:
+            raise FileNotFoundError(f"--train_files={d.train_files!r} matches no file")
+        return files
+
     def _dataset_fn(self, tokenizer, global_batch: int):
         from place_tf.data import pipeline
 
@@ -174,7 +186,7 @@ class Trainer:
 
         def fn(input_context):
             return pipeline.make_dataset(
-                d.corpus_dir,
+                self._train_source(),
                 "train",
                 tokenizer,
                 batch_size=global_batch,
@@ -217,8 +229,14 @@ class Trainer:
         global_batch = t.per_replica_batch * replicas
         chief = distribute.is_chief(strategy)
 
-        corpus = manifest_lib.read_manifest(c.data.corpus_dir)
-        num_train = int(corpus["splits"]["train"]["examples"])
+        if c.data.train_files:
+            if not t.max_steps:
+                raise ValueError("--train_files needs --max_steps (the corpus size is unknown)")
+            corpus = {"source": "train_files", "splits": {}}
+            num_train = 0
+        else:
+            corpus = manifest_lib.read_manifest(c.data.corpus_dir)
+            num_train = int(corpus["splits"]["train"]["examples"])
         total_steps = self._steps(num_train, global_batch)
         tokenizer = self._tokenizer()
         model_cfg = dataclasses.replace(
@@ -273,7 +291,11 @@ class Trainer:
             logging.info("resumed from %s at step %d", restored, start_step)
 
         train_step = self._make_train_step(strategy, model, optimizer, bad_steps, replicas)
-        writer = tf.summary.create_file_writer(os.path.join(t.model_dir, "tensorboard")) if chief else tf.summary.create_noop_writer()
+        writer = (
+            tf.summary.create_file_writer(os.path.join(t.model_dir, "tensorboard"))
+            if chief
+            else tf.summary.create_noop_writer()
+        )
         progbar = keras.utils.Progbar(total_steps, stateful_metrics=None, unit_name="step")
         self.flag.install()
         t0 = time.time()
@@ -302,17 +324,31 @@ class Trainer:
                     with writer.as_default(step=step):
                         for k, v in logs_np.items():
                             tf.summary.scalar(f"train/{k}", v)
-                        tf.summary.scalar("train/learning_rate", float(inner.learning_rate.numpy()) if hasattr(inner.learning_rate, "numpy") else float(keras.ops.convert_to_numpy(inner.learning_rate)))
+                        tf.summary.scalar(
+                            "train/learning_rate",
+                            float(inner.learning_rate.numpy())
+                            if hasattr(inner.learning_rate, "numpy")
+                            else float(keras.ops.convert_to_numpy(inner.learning_rate)),
+                        )
                         tf.summary.scalar("train/images_per_second", ips)
                         tf.summary.scalar("train/bad_steps", int(bad_steps.numpy()))
                 if chief:
-                    progbar.update(step, [(k, v) for k, v in logs_np.items() if k in ("loss", "ita", "pcma", "cce", "cta", "cpa")])
+                    progbar.update(
+                        step,
+                        [
+                            (k, v)
+                            for k, v in logs_np.items()
+                            if k in ("loss", "ita", "pcma", "cce", "cta", "cpa")
+                        ],
+                    )
                 if step % t.checkpoint_every == 0:
                     manager.save(checkpoint_number=step)
                 if self.flag.signum is not None:
                     manager.save(checkpoint_number=step)
                     interrupted = True
-                    logging.warning("signal %d received: checkpoint written at step %d", self.flag.signum, step)
+                    logging.warning(
+                        "signal %d received: checkpoint written at step %d", self.flag.signum, step
+                    )
                     break
         finally:
             self.flag.restore()
@@ -393,7 +429,9 @@ class Trainer:
         import tensorflow as tf
 
         ctx = tf.distribute.get_replica_context()
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+        finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+        )
         finite = tf.logical_and(finite, tf.math.is_finite(total))
         # Same decision on every replica: a single replica's NaN skips the step everywhere.
         all_finite = ctx.all_reduce("min", tf.cast(finite, tf.float32)) > 0.5
@@ -418,7 +456,10 @@ class Trainer:
         info = {
             "configs": json.loads(
                 config_lib.dumps(
-                    data=self.cfg.data, model=model_cfg, objective=self.cfg.objective, train=self.cfg.train
+                    data=self.cfg.data,
+                    model=model_cfg,
+                    objective=self.cfg.objective,
+                    train=self.cfg.train,
                 )
             ),
             "versions": {
@@ -450,7 +491,11 @@ class Trainer:
 
         try:
             ds = pipeline.make_eval_dataset(
-                self.cfg.data.corpus_dir, "validate", tokenizer, batch_size=num_images, image_size=self.cfg.data.image_size
+                self.cfg.data.corpus_dir,
+                "validate",
+                tokenizer,
+                batch_size=num_images,
+                image_size=self.cfg.data.image_size,
             )
             batch = next(iter(ds))
         except (StopIteration, ValueError, FileNotFoundError):

@@ -1,0 +1,1 @@
+"""TFX pipeline for PLACE-TF: ingestion, validation, training, evaluation, push."""

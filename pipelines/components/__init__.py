@@ -1,0 +1,1 @@
+"""Custom TFX components of the PLACE pipeline (Python-function components)."""

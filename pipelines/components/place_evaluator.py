@@ -1,0 +1,166 @@
+"""PlaceEvaluator: scores the candidate SavedModel on held-out data and blesses it.
+
+Metrics, computed through the exported signatures (what TF Serving will run):
+- linear-probe AUROC: a logistic-regression head on frozen `from_examples` image
+  embeddings of the train split, evaluated on the test split (CheXpert competition labels
+  present in the corpus, macro average);
+- retrieval precision@5, image → report, on the test split (a hit shares the query's
+  positive-label set), with reports embedded by `embed_text`.
+The candidate is blessed when it reaches the thresholds and, if a blessed baseline exists
+(Resolver: latest blessed model), is not worse than it by more than `max_regression`.
+The ModelBlessing carries `blessed`, `current_model` and `current_model_id`, which Pusher
+and LatestBlessedModelStrategy read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types import standard_artifacts
+
+SERVING_SUBDIR = "Format-Serving"
+MAX_EXAMPLES = 2000
+
+
+def _load_examples(examples_uri: str, split: str, limit: int = MAX_EXAMPLES):
+    import tensorflow as tf
+
+    from pipelines.components.corpus_gate import split_files
+    from place_tf.data import schema
+
+    files = split_files(examples_uri, split)
+    serialized, labels, reports = [], [], []
+    for s in (
+        tf.data.TFRecordDataset(files, compression_type="GZIP").take(limit).as_numpy_iterator()
+    ):
+        rec = schema.from_example(s)
+        serialized.append(s)
+        labels.append(list(rec.chexpert))
+        reports.append(schema.report_text(rec.findings, rec.impression))
+    import numpy as np
+
+    return serialized, np.asarray(labels, dtype=np.int64), reports
+
+
+def _embed(saved_model, serialized, reports, batch: int = 64):
+    import numpy as np
+    import tensorflow as tf
+
+    img, txt = [], []
+    f_ex = saved_model.signatures["from_examples"]
+    f_txt = saved_model.signatures["embed_text"]
+    for i in range(0, len(serialized), batch):
+        img.append(f_ex(examples=tf.constant(serialized[i : i + batch]))["image_embedding"].numpy())
+        txt.append(f_txt(reports=tf.constant(reports[i : i + batch]))["text_embedding"].numpy())
+    return np.concatenate(img), np.concatenate(txt)
+
+
+def score_model(
+    model_dir: str, examples_uri: str, train_split: str = "train", test_split: str = "test"
+) -> dict:
+    """Linear-probe AUROC and retrieval P@5 of a SavedModel on an Examples artifact."""
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401 - WordPiece ops of the SavedModel
+
+    from place_tf.data import schema
+    from place_tf.evaluate import metrics
+
+    sm = tf.saved_model.load(model_dir)
+    tr_ser, tr_lab, tr_rep = _load_examples(examples_uri, train_split)
+    te_ser, te_lab, te_rep = _load_examples(examples_uri, test_split)
+    tr_img, _ = _embed(sm, tr_ser, tr_rep)
+    te_img, te_txt = _embed(sm, te_ser, te_rep)
+    idx = [schema.label_index(n) for n in schema.COMPETITION_LABELS]
+    per_label = {}
+    for name, j in zip(schema.COMPETITION_LABELS, idx, strict=True):
+        ytr, yte = tr_lab[:, j] == 1, te_lab[:, j] == 1
+        if ytr.sum() == 0 or ytr.all() or yte.sum() == 0 or yte.all():
+            continue  # no positives or no negatives: AUROC undefined
+        w, b = _logistic_regression(tr_img, ytr.astype(np.float32))
+        per_label[name] = float(metrics.auroc(yte.astype(np.int64), te_img @ w + b))
+    macro = float(np.mean(list(per_label.values()))) if per_label else float("nan")
+    # Retrieval: a candidate report is relevant if it has the same positive-label set.
+    keys = [tuple(np.flatnonzero(row[idx] == 1)) for row in te_lab]
+    relevance = np.array([[ka == kb for kb in keys] for ka in keys], dtype=bool)
+    sims = te_img @ te_txt.T
+    p5 = float(metrics.precision_at_k(sims, relevance, 5))
+    return {
+        "probe_auroc": macro,
+        "probe_per_label": per_label,
+        "retrieval_p_at_5": p5,
+        "num_test": len(te_ser),
+    }
+
+
+def _logistic_regression(x, y, steps: int = 300, lr: float = 0.5, l2: float = 1e-3):
+    """Full-batch gradient descent on standardised features (deterministic, no sklearn)."""
+    import numpy as np
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    w = np.zeros(z.shape[1], np.float64)
+    b = 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        g = p - y
+        w -= lr * (z.T @ g / len(y) + l2 * w)
+        b -= lr * g.mean()
+    return w / sd, b - float((mu / sd) @ w)
+
+
+@component
+def PlaceEvaluator(  # noqa: N802 - TFX component naming
+    model: InputArtifact[standard_artifacts.Model],
+    examples: InputArtifact[standard_artifacts.Examples],
+    evaluation: OutputArtifact[standard_artifacts.ModelEvaluation],
+    blessing: OutputArtifact[standard_artifacts.ModelBlessing],
+    baseline_model: InputArtifact[standard_artifacts.Model] = None,
+    min_probe_auroc: Parameter[float] = 0.5,
+    min_retrieval_p_at_5: Parameter[float] = 0.0,
+    max_regression: Parameter[float] = 0.02,
+):
+    cand = score_model(os.path.join(model.uri, SERVING_SUBDIR), examples.uri)
+    result = {
+        "candidate": cand,
+        "baseline": None,
+        "thresholds": {
+            "min_probe_auroc": min_probe_auroc,
+            "min_retrieval_p_at_5": min_retrieval_p_at_5,
+            "max_regression": max_regression,
+        },
+    }
+    reasons = []
+    if not cand["probe_auroc"] >= min_probe_auroc:
+        reasons.append(f"probe AUROC {cand['probe_auroc']:.3f} < {min_probe_auroc}")
+    if not cand["retrieval_p_at_5"] >= min_retrieval_p_at_5:
+        reasons.append(f"retrieval P@5 {cand['retrieval_p_at_5']:.3f} < {min_retrieval_p_at_5}")
+    if baseline_model is not None and baseline_model.uri != model.uri:
+        base = score_model(os.path.join(baseline_model.uri, SERVING_SUBDIR), examples.uri)
+        result["baseline"] = base
+        if cand["probe_auroc"] < base["probe_auroc"] - max_regression:
+            reasons.append(
+                f"probe AUROC {cand['probe_auroc']:.3f} is below the blessed baseline's "
+                f"{base['probe_auroc']:.3f} by more than {max_regression}"
+            )
+    blessed = not reasons
+    result["blessed"], result["reasons"] = blessed, reasons
+    with open(os.path.join(evaluation.uri, "evaluation.json"), "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w").close()
+    blessing.set_int_custom_property("blessed", int(blessed))
+    blessing.set_string_custom_property("current_model", model.uri)
+    blessing.set_int_custom_property("current_model_id", model.id)
+    if baseline_model is not None:
+        blessing.set_string_custom_property("baseline_model", baseline_model.uri)
+        blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
+    logging.info(
+        "PlaceEvaluator: blessed=%s %s metrics=%s",
+        blessed,
+        reasons,
+        {k: v for k, v in cand.items() if k != "probe_per_label"},
+    )

@@ -1,0 +1,86 @@
+"""Pipeline settings (TFX penguin-template style): one place for names, paths and defaults.
+
+Every value can be overridden by an environment variable of the same name, so the local
+runner, the TFX CLI and the Kubeflow runner share one definition.
+"""
+
+from __future__ import annotations
+
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+PIPELINE_NAME = _env("PLACE_PIPELINE_NAME", "place")
+# Where pipeline artifacts, the MLMD sqlite store and the serving base dir live locally.
+TFX_ROOT = _env("PLACE_TFX_ROOT", os.path.join(REPO_ROOT, "tfx_root"))
+PIPELINE_ROOT = os.path.join(TFX_ROOT, "pipelines", PIPELINE_NAME)
+METADATA_PATH = os.path.join(TFX_ROOT, "metadata", PIPELINE_NAME, "metadata.sqlite")
+SERVING_MODEL_DIR = _env(
+    "PLACE_SERVING_DIR", os.path.join(TFX_ROOT, "serving_model", PIPELINE_NAME)
+)
+# Input corpus: our TFRecords (manifest.json + <split>-NNNNN-of-NNNNN.tfrecord).
+DATA_ROOT = _env("PLACE_DATA_ROOT", os.path.join(REPO_ROOT, "data", "synth_tfx"))
+# With no data configured the local runner generates this many SynthCXR images.
+SYNTHETIC_IMAGES = int(_env("PLACE_SYNTHETIC_IMAGES", "600"))
+SCHEMA_PATH = os.path.join(REPO_ROOT, "pipelines", "schema")
+TRAINER_MODULE = os.path.join(REPO_ROOT, "pipelines", "trainer_module.py")
+
+# Training settings passed to place_tf.train through the Trainer's custom_config: the
+# same names as the CLI flags (place_tf/config.py).
+TRAINING = {
+    "objective": _env("PLACE_OBJECTIVE", "place"),
+    "image_size": 64,
+    "max_length": 48,
+    "image_encoder": "vit",
+    "patch_size": 8,
+    "vit_layers": 1,
+    "vit_heads": 4,
+    "vit_width": 64,
+    "vit_mlp": 128,
+    "text_layers": 1,
+    "text_heads": 4,
+    "text_width": 64,
+    "text_mlp": 128,
+    "embed_dim": 32,
+    "num_queries": 8,
+    "query_layers": 1,
+    "query_heads": 4,
+    "query_width": 64,
+    "cce_decoder_layers": 1,
+    "cce_decoder_width": 64,
+    "num_prototypes": 32,
+    "per_replica_batch": 32,
+    "learning_rate": 1e-3,
+    "warmup_steps": 5,
+    "vocab_size": 1000,
+}
+TRAIN_STEPS = int(_env("PLACE_TRAIN_STEPS", "60"))
+EVAL_STEPS = int(_env("PLACE_EVAL_STEPS", "5"))
+
+# Blessing: the candidate must reach these on the held-out split and must not be worse
+# than the latest blessed model by more than the tolerance.
+BLESSING = {
+    "min_probe_auroc": float(_env("PLACE_MIN_PROBE_AUROC", "0.5")),
+    "min_retrieval_p_at_5": float(_env("PLACE_MIN_P_AT_5", "0.0")),
+    "max_regression": float(_env("PLACE_MAX_REGRESSION", "0.02")),
+}
+# The corpus gate stops the pipeline when more than this fraction of examples is bad.
+MAX_BAD_FRACTION = float(_env("PLACE_MAX_BAD_FRACTION", "0.0"))
+
+# Beam: DirectRunner in multi-processing mode locally; Dataflow on GCP (see README).
+BEAM_PIPELINE_ARGS = [
+    "--direct_running_mode=multi_processing",
+    "--direct_num_workers=0",
+]
+DATAFLOW_BEAM_PIPELINE_ARGS = [
+    "--runner=DataflowRunner",
+    "--project=" + _env("GOOGLE_CLOUD_PROJECT", "my-project"),
+    "--region=" + _env("GOOGLE_CLOUD_REGION", "us-central1"),
+    "--temp_location=" + _env("PLACE_GCS_TEMP", "gs://my-bucket/tmp"),
+    "--experiments=use_runner_v2",
+]
