@@ -1,1 +1,37 @@
-"""Pure loss functions (ITA, PCMA, CCE, MGCA's CTA/CPA) and cross-replica gathering."""
+"""Pure loss functions (ITA, PCMA, CCE, MGCA's CTA/CPA) and cross-replica gathering.
+
+Cross-replica convention (contract (c)): gradients are SUM-reduced over replicas;
+contrastive terms are computed in full on every replica from `gather_with_grad`
+embeddings, per-example terms return local_sum / global_batch_size.
+"""
+
+from place_tf.losses.cce import CCELoss, cce_loss, cce_per_example
+from place_tf.losses.gather import (
+    gather_with_grad,
+    per_example_to_replica,
+    replica_info,
+    scale_grad_for_replicas,
+)
+from place_tf.losses.ita import ITALoss, ita_loss, symmetric_infonce
+from place_tf.losses.mgca import cpa_loss, cross_attend, cta_loss, cta_per_example, sinkhorn
+from place_tf.losses.pcma import PCMALoss, pcma_loss
+
+__all__ = [
+    "CCELoss",
+    "ITALoss",
+    "PCMALoss",
+    "cce_loss",
+    "cce_per_example",
+    "cpa_loss",
+    "cross_attend",
+    "cta_loss",
+    "cta_per_example",
+    "gather_with_grad",
+    "ita_loss",
+    "pcma_loss",
+    "per_example_to_replica",
+    "replica_info",
+    "scale_grad_for_replicas",
+    "sinkhorn",
+    "symmetric_infonce",
+]

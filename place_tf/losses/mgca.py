@@ -1,0 +1,191 @@
+"""MGCA baseline losses: token-wise cross-attention alignment (CTA) and cross-modal
+prototype alignment (CPA), following MGCA (Wang et al., NeurIPS 2022) and its code.
+
+CTA (per example, local): for each word token w_i, the text-attended image feature a_i
+(cross-attention of w_i over the patches) must be closer to w_i than to the other words'
+attended features of the same report, and vice versa (InfoNCE over the tokens of the
+example, both directions); the same for patches against their report-attended features.
+CTA_i = word term + patch term, as MGCA's `loss_patch + loss_word`. Departures from the
+reference code: padding words are masked out of the softmax (MGCA only zero-weights them),
+and token weights are uniform over real tokens unless given (MGCA derives them from the
+last-layer [CLS] attention, clipped to the 10-90 % quantiles).
+
+CPA: prototype scores of the global batch -> Sinkhorn-Knopp codes (no gradient); each
+modality's codes are predicted from the other modality's prototype softmax (swapped
+prediction), averaged over both directions. Contrastive/global: computed in full on every
+replica from gathered embeddings.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from place_tf.losses.gather import (
+    check_rank,
+    check_same_shape,
+    gather_with_grad,
+    per_example_to_replica,
+    scale_grad_for_replicas,
+    to_float32,
+)
+
+_NEG = -1e9  # finite "minus infinity": keeps log-softmax and its gradient NaN-free
+
+
+def cross_attend(query_tokens, key_tokens, key_mask=None, temperature: float = 0.1):
+    """MGCA's parameter-free token attention: softmax(q k^T / T) k, float32 [B, Lq, D].
+
+    `key_mask` [B, Lk] (True = real token) hides padding keys. Inputs are used as given
+    (MGCA passes L2-normalised local embeddings)."""
+    q = to_float32(query_tokens)
+    k = to_float32(key_tokens)
+    check_rank(q, 3, "query_tokens", "cross_attend")
+    check_rank(k, 3, "key_tokens", "cross_attend")
+    scores = tf.matmul(q, k, transpose_b=True) / temperature  # [B, Lq, Lk]
+    if key_mask is not None:
+        mask = tf.cast(key_mask, tf.bool)[:, None, :]
+        scores = tf.where(mask, scores, tf.cast(_NEG, scores.dtype))
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), k)
+
+
+def _token_infonce(sim: tf.Tensor, mask: tf.Tensor, weights) -> tf.Tensor:
+    """Per-example bidirectional token InfoNCE of sim [B, M, M] (positives on the diagonal),
+    padding (mask [B, M] False) removed from both softmaxes, rows weighted by `weights`
+    normalised over real tokens -> [B]."""
+    neg = tf.cast(_NEG, sim.dtype)
+    to_other = tf.nn.log_softmax(tf.where(mask[:, None, :], sim, neg), axis=-1)
+    from_other = tf.nn.log_softmax(tf.where(mask[:, :, None], sim, neg), axis=-2)
+    ce_1 = -tf.linalg.diag_part(to_other)  # token i vs attended features j
+    ce_2 = -tf.linalg.diag_part(from_other)  # attended feature j vs tokens i
+    ce_1 = tf.where(mask, ce_1, tf.zeros_like(ce_1))
+    ce_2 = tf.where(mask, ce_2, tf.zeros_like(ce_2))
+    w = tf.cast(mask, sim.dtype)
+    if weights is not None:
+        w = w * to_float32(weights)
+    w = tf.math.divide_no_nan(w, tf.reduce_sum(w, axis=-1, keepdims=True))
+    return 0.5 * (tf.reduce_sum(w * ce_1, axis=-1) + tf.reduce_sum(w * ce_2, axis=-1))
+
+
+def cta_per_example(
+    img_tokens,
+    txt_tokens,
+    txt_mask,
+    attn_img_for_txt,
+    attn_txt_for_img,
+    temperature: float = 0.1,
+    *,
+    word_weights=None,
+    patch_weights=None,
+) -> tf.Tensor:
+    """float32 [B]: word term + patch term of MGCA's token-wise alignment per example."""
+    fn = "cta_loss"
+    img = tf.math.l2_normalize(to_float32(img_tokens), axis=-1)
+    txt = tf.math.l2_normalize(to_float32(txt_tokens), axis=-1)
+    img_for_txt = tf.math.l2_normalize(to_float32(attn_img_for_txt), axis=-1)
+    txt_for_img = tf.math.l2_normalize(to_float32(attn_txt_for_img), axis=-1)
+    check_rank(img, 3, "img_tokens", fn)
+    check_rank(txt, 3, "txt_tokens", fn)
+    check_same_shape(txt, img_for_txt, "txt_tokens and attn_img_for_txt", fn)
+    check_same_shape(img, txt_for_img, "img_tokens and attn_txt_for_img", fn)
+    mask = tf.cast(txt_mask, tf.bool)
+    check_rank(mask, 2, "txt_mask", fn)
+    if not mask.shape.is_compatible_with(txt.shape[:2]):
+        raise ValueError(f"{fn}: txt_mask must be [B, L] = {txt.shape[:2]}, got {mask.shape}")
+    if temperature <= 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+
+    word_sim = tf.matmul(txt, img_for_txt, transpose_b=True) / temperature  # [B, L, L]
+    word = _token_infonce(word_sim, mask, word_weights)
+    patch_sim = tf.matmul(img, txt_for_img, transpose_b=True) / temperature  # [B, N, N]
+    patch_mask = tf.ones(tf.shape(patch_sim)[:2], tf.bool)
+    patch = _token_infonce(patch_sim, patch_mask, patch_weights)
+    return word + patch
+
+
+def cta_loss(
+    img_tokens,
+    txt_tokens,
+    txt_mask,
+    attn_img_for_txt,
+    attn_txt_for_img,
+    temperature: float = 0.1,
+    *,
+    word_weights=None,
+    patch_weights=None,
+    global_batch_size=None,
+) -> tf.Tensor:
+    """float32 scalar MGCA CTA loss; img_tokens [B, N, D], txt_tokens [B, L, D], txt_mask
+    [B, L] (True = real token), attn_img_for_txt [B, L, D] (image features attended by each
+    word), attn_txt_for_img [B, N, D]. Cosine similarities (all four are L2-normalised
+    here). Optional word_weights [B, L] / patch_weights [B, N] replace uniform token
+    weights. Per-example: local_sum / global_batch_size (default: summed local sizes)."""
+    per_example = cta_per_example(
+        img_tokens,
+        txt_tokens,
+        txt_mask,
+        attn_img_for_txt,
+        attn_txt_for_img,
+        temperature,
+        word_weights=word_weights,
+        patch_weights=patch_weights,
+    )
+    return per_example_to_replica(per_example, global_batch_size)
+
+
+def sinkhorn(scores, epsilon: float = 0.05, iterations: int = 3) -> tf.Tensor:
+    """Sinkhorn-Knopp codes [B, P] (rows sum to 1, no gradient) from scores [B, P].
+
+    MGCA/SwAV's algorithm (Q = exp(scores/eps)^T, alternate prototype-marginal 1/P and
+    sample-marginal 1/B normalisations, then columns to 1), done in the log domain so that
+    large scores / small epsilon cannot overflow. Use it on the global batch."""
+    s = tf.stop_gradient(to_float32(scores))
+    check_rank(s, 2, "scores", "sinkhorn")
+    if epsilon <= 0:
+        raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
+    log_q = tf.transpose(s) / epsilon  # [P, B]
+    log_q -= tf.reduce_logsumexp(log_q)
+    shape = tf.cast(tf.shape(log_q), tf.float32)
+    log_r = -tf.math.log(shape[0])  # prototypes get equal mass
+    log_c = -tf.math.log(shape[1])  # samples get equal mass
+    for _ in range(int(iterations)):
+        log_q += log_r - tf.reduce_logsumexp(log_q, axis=1, keepdims=True)
+        log_q += log_c - tf.reduce_logsumexp(log_q, axis=0, keepdims=True)
+    log_q -= tf.reduce_logsumexp(log_q, axis=0, keepdims=True)
+    return tf.stop_gradient(tf.transpose(tf.exp(log_q)))
+
+
+def cpa_loss(
+    img_emb,
+    txt_emb,
+    prototypes,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    temperature: float = 0.1,
+) -> tf.Tensor:
+    """float32 scalar MGCA prototype alignment. img_emb, txt_emb [B, D] and prototypes
+    [P, D] are L2-normalised by the caller (MGCA re-normalises the prototype weights each
+    step). Sinkhorn codes come from the gathered global batch; every replica returns the
+    full global value (1/R of the prototype gradient per replica)."""
+    fn = "cpa_loss"
+    img = to_float32(img_emb)
+    txt = to_float32(txt_emb)
+    protos = to_float32(prototypes)
+    check_rank(img, 2, "img_emb", fn)
+    check_rank(txt, 2, "txt_emb", fn)
+    check_rank(protos, 2, "prototypes", fn)
+    check_same_shape(img, txt, "img_emb and txt_emb", fn)
+    if not img.shape[-1:].is_compatible_with(protos.shape[-1:]):
+        raise ValueError(f"{fn}: prototypes must be [P, {img.shape[-1]}], got {protos.shape}")
+    if temperature <= 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+
+    protos = scale_grad_for_replicas(protos)
+    img_scores = tf.matmul(gather_with_grad(img), protos, transpose_b=True)  # [G, P]
+    txt_scores = tf.matmul(gather_with_grad(txt), protos, transpose_b=True)
+    img_code = sinkhorn(img_scores, epsilon, iterations)
+    txt_code = sinkhorn(txt_scores, epsilon, iterations)
+    img_logp = tf.nn.log_softmax(img_scores / temperature, axis=-1)
+    txt_logp = tf.nn.log_softmax(txt_scores / temperature, axis=-1)
+    i2t = -tf.reduce_mean(tf.reduce_sum(img_code * txt_logp, axis=-1))
+    t2i = -tf.reduce_mean(tf.reduce_sum(txt_code * img_logp, axis=-1))
+    return 0.5 * (i2t + t2i)
