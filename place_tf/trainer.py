@@ -42,7 +42,7 @@ RUN_INFO_FILE = "run_info.json"
 # How each logged per-replica value combines across replicas. Contrastive terms are the
 # full global-batch loss on every replica (mean); per-example terms are each replica's
 # share local_sum / global_batch (sum); see place_tf/losses/gather.py.
-_REDUCTION = {"cce": "sum", "cta": "sum", "pcma_slot": "sum", "skipped_step": "max"}
+_REDUCTION = {"cce": "sum", "cta": "sum", "pcma_slot": "sum"}
 
 
 def combine_logs(logs: dict, objective) -> dict:
@@ -180,9 +180,18 @@ class Trainer:
         return files
 
     def _dataset_fn(self, tokenizer, global_batch: int):
+        import tensorflow as tf
+
         from place_tf.data import pipeline
 
         d, t = self.cfg.data, self.cfg.train
+
+        # The skip counters are updated inside the pipeline (stateful ops); they are
+        # checkpointed separately, so iterator checkpoints ignore that external state.
+        options = tf.data.Options()
+        options.experimental_external_state_policy = (
+            tf.data.experimental.ExternalStatePolicy.IGNORE
+        )
 
         def fn(input_context):
             return pipeline.make_dataset(
@@ -198,7 +207,7 @@ class Trainer:
                 input_context=input_context,
                 repeat=True,
                 skip_counter=self.skip_counter,
-            )
+            ).with_options(options)
 
         return fn
 
@@ -244,8 +253,8 @@ class Trainer:
         )
         self._write_run_info(corpus, model_cfg, replicas, chief)
 
+        self.skip_counter = pipeline.SkipCounter()  # host variables, outside the strategy
         with strategy.scope():
-            self.skip_counter = pipeline.SkipCounter()
             model = PLACEModel(model_cfg, c.objective)
             dummy = _dummy_batch(model_cfg, c.data.max_length)
             model(dummy, training=False)
@@ -383,7 +392,9 @@ class Trainer:
         import tensorflow as tf
 
         t = self.cfg.train
-        variables = model.trainable_variables
+        # Only the variables the objective uses (ConVIRT leaves the PCMA branch unused, and
+        # a None gradient must not reach the cross-replica reduction).
+        variables = model.trainable_loss_variables
 
         def loss_and_grads(batch):
             with tf.GradientTape() as tape:
@@ -434,7 +445,8 @@ class Trainer:
         )
         finite = tf.logical_and(finite, tf.math.is_finite(total))
         # Same decision on every replica: a single replica's NaN skips the step everywhere.
-        all_finite = ctx.all_reduce("min", tf.cast(finite, tf.float32)) > 0.5
+        not_finite = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
+        all_finite = not_finite < 0.5
         grads = [
             g if g is None else tf.where(all_finite, g, tf.fill(tf.shape(g), float("nan")))
             for g in grads

@@ -86,6 +86,10 @@ class SkipCounter:
     def as_dict(self) -> dict[str, int]:
         return {r: int(v.numpy()) for r, v in self._vars.items()}
 
+    def checkpointable(self) -> tf.train.Checkpoint:
+        """The counters as a trackable, so a resumed run keeps its skip totals."""
+        return tf.train.Checkpoint(**self._vars)
+
     def total(self) -> int:
         return sum(self.as_dict().values())
 
