@@ -189,9 +189,7 @@ class Trainer:
         # The skip counters are updated inside the pipeline (stateful ops); they are
         # checkpointed separately, so iterator checkpoints ignore that external state.
         options = tf.data.Options()
-        options.experimental_external_state_policy = (
-            tf.data.experimental.ExternalStatePolicy.IGNORE
-        )
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
 
         def fn(input_context):
             return pipeline.make_dataset(
@@ -307,7 +305,7 @@ class Trainer:
         )
         progbar = keras.utils.Progbar(total_steps, stateful_metrics=None, unit_name="step")
         self.flag.install()
-        t0 = time.time()
+        t0 = t_after_first = time.time()
         last_log_time, last_log_step = t0, start_step
         logs_np: dict = {}
         step = start_step
@@ -317,6 +315,8 @@ class Trainer:
                 batch = next(iterator)
                 logs = train_step(batch)
                 step += 1
+                if step == start_step + 1:
+                    t_after_first = time.time()  # excludes tracing/XLA compilation
                 logs_np = {k: float(v.numpy()) for k, v in logs.items()}
                 if int(bad_steps.numpy()) > t.max_bad_steps:
                     manager.save(checkpoint_number=step)
@@ -373,7 +373,11 @@ class Trainer:
             "global_batch": global_batch,
             "replicas": replicas,
             "wall_seconds": round(elapsed, 2),
-            "images_per_second": round((step - start_step) * global_batch / max(elapsed, 1e-9), 3),
+            "images_per_second": round(
+                (step - start_step - 1) * global_batch / max(time.time() - t_after_first, 1e-9), 3
+            )
+            if step - start_step > 1
+            else None,
             "final_losses": logs_np,
             "bad_steps": int(bad_steps.numpy()),
             "skipped_records": self.skip_counter.as_dict(),
@@ -410,17 +414,27 @@ class Trainer:
             def replica_step(batch):
                 total, logs, grads = fused(batch)
                 return self._apply(total, logs, grads, optimizer, bad_steps, variables)
-        else:
-            # Several replicas: the encoders run under XLA; the cross-replica gather of
-            # the contrastive losses runs outside it (XLA:CPU has no collectives).
-            forward = tf.function(model.forward_features, jit_compile=t.jit_compile)
+        elif t.jit_compile and hasattr(model, "forward_features"):
+            # Several replicas: the encoders (and per-example losses) run under XLA; the
+            # cross-replica gather of the contrastive losses runs outside it (XLA:CPU has
+            # no collectives, and merge_call cannot run inside a jit function).
+            forward = tf.function(model.forward_features, jit_compile=True)
 
             def replica_step(batch):
                 with tf.GradientTape() as tape:
                     feats = forward(batch, training=True)
-                    total, logs = model.losses_from_features(feats, batch, training=True)
+                    total, logs = model.losses_from_features(feats)
                     scaled = optimizer.scale_loss(total)
                 grads = tape.gradient(scaled, variables)
+                return self._apply(total, logs, grads, optimizer, bad_steps, variables)
+        else:
+            if t.jit_compile:
+                logging.warning(
+                    "this model has no forward_features: XLA is off with %d replicas", replicas
+                )
+
+            def replica_step(batch):
+                total, logs, grads = loss_and_grads(batch)
                 return self._apply(total, logs, grads, optimizer, bad_steps, variables)
 
         @tf.function
@@ -431,6 +445,8 @@ class Trainer:
                 for k, v in per_replica.items()
             }
             bad_steps.assign_add(tf.cast(logs["skipped_step"] > 0, tf.int64))
+            if self.cfg.objective.cce_teacher == "ema" and "cce" in logs:
+                model.update_teacher()  # cross-replica context: every copy moves alike
             return combine_logs(logs, self.cfg.objective)
 
         return step
