@@ -104,7 +104,8 @@ def run(
     if export and "model" in summary:
         from place_tf import export as export_lib
 
-        export_dir = os.path.join(model_dir, "export", "1")
+        # A new integer version each time (a resumed or repeated run never overwrites).
+        export_dir = export_lib.next_version_dir(os.path.join(model_dir, "export"))
         export_lib.export_saved_model(
             trainer.model, trainer.tokenizer, export_dir, image_size=cfg.data.image_size
         )
