@@ -95,7 +95,7 @@ def _decode_with_code(image_bytes, image_size: int):
     [S, S, 1] in [-1, 1], pipeline validity code; 0 = valid). Stored dims are unknown here
     (0), so the pipeline checks only its minimum side and PNG pixel limit."""
     unknown = tf.constant(0, tf.int64)
-    image, code = pipeline._decode_gray(image_bytes, unknown, unknown, image_size)
+    image, code = pipeline.decode_and_resize(image_bytes, unknown, unknown, image_size)
     return pipeline.normalize(image), code
 
 

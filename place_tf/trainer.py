@@ -31,8 +31,8 @@ import time
 
 from absl import logging
 
+from place_tf import checkpointing, distribute
 from place_tf import config as config_lib
-from place_tf import distribute
 
 CKPT_SUBDIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
@@ -114,25 +114,6 @@ def _git_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def restore_latest_good(manager, checkpoint) -> str | None:
-    """Restore the newest checkpoint that reads back; fall back to older ones.
-
-    A checkpoint truncated or half-written by a crash fails to restore; it is logged,
-    skipped, and the previous one is used. Returns the path restored, or None.
-    """
-    import tensorflow as tf
-
-    for path in reversed(manager.checkpoints):
-        try:
-            checkpoint.restore(path).assert_existing_objects_matched()
-            return path
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
-            logging.warning(
-                "checkpoint %s is unreadable (%s); trying an older one", path, type(e).__name__
-            )
-    return None
 
 
 @dataclasses.dataclass
@@ -281,9 +262,11 @@ class Trainer:
             self._dataset_fn(tokenizer, global_batch)
         )
         iterator = iter(dist_ds)
-        ckpt = tf.train.Checkpoint(
-            model=model,
-            optimizer=optimizer,
+        # Keyed by variable path: tf.train.Checkpoint(model=...) misses Keras 3 layers
+        # held in lists (see place_tf/checkpointing.py).
+        ckpt = checkpointing.make_checkpoint(
+            model,
+            optimizer,
             iterator=iterator,
             bad_steps=bad_steps,
             skips=self.skip_counter.checkpointable(),
@@ -292,7 +275,7 @@ class Trainer:
         if not chief:  # non-chief workers write to a scratch dir (multi-worker protocol)
             ckpt_dir = os.path.join(t.model_dir, f"tmp_worker_{strategy.cluster_resolver.task_id}")
         manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=t.keep_checkpoints)
-        restored = restore_latest_good(manager, ckpt)
+        restored = checkpointing.restore_latest_good(manager, ckpt)
         start_step = int(optimizer.iterations.numpy())
         if restored:
             logging.info("resumed from %s at step %d", restored, start_step)

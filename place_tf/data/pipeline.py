@@ -219,8 +219,28 @@ def _be_uint32(b):
     return b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]
 
 
-def _decode_gray(image_bytes, height, width, image_size: int):
-    """Bytes -> (float32 [S, S, 1] in 0..255, validity code). May raise on corrupt data."""
+def decode_gray(image_bytes):
+    """PNG/JPEG bytes -> float32 [H, W, 1] in 0..255 (8- or 16-bit, gray or RGB(A)).
+
+    The one decoding of an X-ray used everywhere (training, evaluation, serving).
+    """
+    img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint16, expand_animations=False)
+    img = tf.cast(img, tf.float32) / 257.0  # 8-bit sources were scaled by 257 too
+    c = tf.shape(img)[-1]
+    gray = tf.cond(
+        c >= 3,
+        lambda: img[..., 0:1] * 0.2989 + img[..., 1:2] * 0.5870 + img[..., 2:3] * 0.1140,
+        lambda: img[..., 0:1],
+    )
+    gray.set_shape([None, None, 1])
+    return gray
+
+
+def decode_and_resize(image_bytes, height, width, image_size: int):
+    """Bytes -> (float32 [S, S, 1] in 0..255, validity code), checked before decoding.
+
+    height/width <= 0 means "unknown" (serving); otherwise the decoded size must match.
+    """
     head = tf.strings.substr(image_bytes, 0, 8)
     is_png = tf.equal(head, _PNG_MAGIC)
     is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, 3), _JPEG_MAGIC)
@@ -245,20 +265,13 @@ def _decode_gray(image_bytes, height, width, image_size: int):
     blank = tf.zeros([image_size, image_size, 1], tf.float32)
 
     def decode():
-        img = tf.io.decode_image(image_bytes, channels=0, dtype=tf.uint16, expand_animations=False)
-        img = tf.cast(img, tf.float32) / 257.0  # 8-bit sources were scaled by 257 too
-        c = tf.shape(img)[-1]
-        gray = tf.cond(
-            c >= 3,
-            lambda: img[..., 0:1] * 0.2989 + img[..., 1:2] * 0.5870 + img[..., 2:3] * 0.1140,
-            lambda: img[..., 0:1],
-        )
+        gray = decode_gray(image_bytes)
         h, w = tf.shape(gray)[0], tf.shape(gray)[1]
         bad = (h < MIN_SIDE) | (w < MIN_SIDE)
         bad |= tf.logical_not(unknown_dims) & (
             (tf.cast(h, tf.int64) != height) | (tf.cast(w, tf.int64) != width)
         )
-        out = tf.cond(bad, lambda: blank, lambda: _resize_with_pad(gray, image_size))
+        out = tf.cond(bad, lambda: blank, lambda: resize_with_pad(gray, image_size))
         return out, tf.where(bad, _CODE["wrong_shape"], 0)
 
     image, code2 = tf.cond(tf.equal(code, 0), decode, lambda: (blank, code))
@@ -266,16 +279,22 @@ def _decode_gray(image_bytes, height, width, image_size: int):
     return image, tf.cast(code2, tf.int32)
 
 
-def _resize_with_pad(gray, size: int):
-    """Longer side -> size keeping the aspect ratio (antialiased), then centre zero-pad."""
-    h = tf.cast(tf.shape(gray)[0], tf.float32)
-    w = tf.cast(tf.shape(gray)[1], tf.float32)
-    scale = size / tf.maximum(h, w)
-    nh = tf.clip_by_value(tf.cast(tf.round(h * scale), tf.int32), 1, size)
-    nw = tf.clip_by_value(tf.cast(tf.round(w * scale), tf.int32), 1, size)
-    resized = tf.image.resize(gray, tf.stack([nh, nw]), method="bilinear", antialias=True)
-    out = tf.image.pad_to_bounding_box(resized, (size - nh) // 2, (size - nw) // 2, size, size)
-    return tf.reshape(out, [size, size, 1])
+def pad_geometry(height, width, image_size: int):
+    """(new_h, new_w, top, left) of resize_with_pad for an H×W image (int32 tensors)."""
+    h = tf.cast(height, tf.float32)
+    w = tf.cast(width, tf.float32)
+    scale = image_size / tf.maximum(h, w)
+    nh = tf.clip_by_value(tf.cast(tf.round(h * scale), tf.int32), 1, image_size)
+    nw = tf.clip_by_value(tf.cast(tf.round(w * scale), tf.int32), 1, image_size)
+    return nh, nw, (image_size - nh) // 2, (image_size - nw) // 2
+
+
+def resize_with_pad(image, image_size: int):
+    """[H, W, C] -> [S, S, C]: longer side to S keeping the aspect ratio (antialiased
+    bilinear), then centred zero padding. Masks and boxes use the same geometry."""
+    nh, nw, top, left = pad_geometry(tf.shape(image)[0], tf.shape(image)[1], image_size)
+    resized = tf.image.resize(image, tf.stack([nh, nw]), method="bilinear", antialias=True)
+    return tf.image.pad_to_bounding_box(resized, top, left, image_size, image_size)
 
 
 def _augment(images, seed, image_size: int):
@@ -445,7 +464,7 @@ def _examples(
     ds = ds.concatenate(tf.data.Dataset.from_tensors(end))
 
     def decode(x):
-        image, code = _decode_gray(x["image_bytes"], x["height"], x["width"], image_size)
+        image, code = decode_and_resize(x["image_bytes"], x["height"], x["width"], image_size)
         out = {k: v for k, v in x.items() if k not in ("image_bytes", "height", "width")}
         out["image"] = image
         out["code"] = tf.where(x["marker"], 0, code)

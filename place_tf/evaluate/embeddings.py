@@ -1,0 +1,367 @@
+"""Shared plumbing of the evaluation tasks: load a model, its tokenizer, a random-init twin,
+and frozen embeddings of a corpus split as NumPy arrays.
+
+A model is given as
+- a `.keras` file (PLACEModel saved by the trainer or by export), or
+- a training run directory (`model_dir` with `run_info.json` and `checkpoints/`): the
+  PLACEModel is rebuilt from the recorded configs and the latest readable checkpoint is
+  restored (a run that was stopped before writing model.keras can still be evaluated);
+  a run directory without checkpoints but with `model.keras` loads that file.
+
+Embeddings are computed once per split in inference mode (training=False) and kept as
+NumPy; every task then works on arrays, so a sweep over label fractions or prompts costs
+no further encoder passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import weakref
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RUN_INFO_FILE = "run_info.json"
+CKPT_SUBDIR = "checkpoints"
+MODEL_FILE = "model.keras"
+IMAGE_OUTPUTS = ("image_embedding", "image_features", "observations", "attention_maps")
+TEXT_OUTPUTS = ("text_embedding", "text_observations", "text_features")
+
+
+# ------------------------------------------------------------------ loading
+def read_run_info(path: str) -> dict | None:
+    """run_info.json of a run directory, or of the directory holding a .keras file; else None."""
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    p = os.path.join(d, RUN_INFO_FILE)
+    if not os.path.exists(p):
+        return None
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: unreadable run info ({e})") from None
+
+
+def _build_from_configs(model_cfg: dict, objective_cfg: dict, seed: int | None = None):
+    from place_tf.config import ModelConfig, ObjectiveConfig, from_dict
+    from place_tf.models.place_model import PLACEModel
+
+    return PLACEModel(
+        from_dict(ModelConfig, model_cfg), from_dict(ObjectiveConfig, objective_cfg), seed=seed
+    )
+
+
+def load_model(path: str):
+    """PLACEModel from a .keras file or a run directory (see module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    import place_tf.models.place_model  # noqa: F401  (registers PLACEModel for load_model)
+    from place_tf import checkpointing
+
+    if not path:
+        raise ValueError("no model given: pass a .keras file or a training run directory")
+    if os.path.isfile(path):
+        if not path.endswith(".keras"):
+            raise ValueError(f"{path}: expected a .keras file or a run directory")
+        return keras.saving.load_model(path, compile=False)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path not found: {path}")
+    ckpt_dir = os.path.join(path, CKPT_SUBDIR)
+    latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    info = read_run_info(path)
+    keras_file = os.path.join(path, MODEL_FILE)
+    if latest and info is not None:
+        cfgs = info.get("configs", {})
+        if "model" not in cfgs or "objective" not in cfgs:
+            raise ValueError(
+                f"{os.path.join(path, RUN_INFO_FILE)}: 'configs' needs 'model' and 'objective'"
+            )
+        model = _build_from_configs(cfgs["model"], cfgs["objective"])
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(), ckpt_dir, None)
+        for p in reversed(manager.checkpoints):
+            try:
+                checkpointing.restore_model(model, p)
+                log.info("restored model weights from %s", p)
+                return model
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                log.warning(
+                    "checkpoint %s is unreadable (%s); trying an older one", p, type(e).__name__
+                )
+        raise ValueError(f"{ckpt_dir}: no checkpoint could be restored into the model")
+    if os.path.exists(keras_file):
+        return keras.saving.load_model(keras_file, compile=False)
+    raise FileNotFoundError(
+        f"{path}: neither {CKPT_SUBDIR}/ with {RUN_INFO_FILE} nor {MODEL_FILE}: not a PLACE-TF run"
+    )
+
+
+def load_tokenizer(model, model_path: str = "", data_dir: str = "", vocab_file: str = ""):
+    """ReportTokenizer matching `model`: vocabulary from `vocab_file`, else the run's recorded
+    vocab_file, else `<data_dir>/vocab.txt`; max_length from the model config."""
+    from place_tf.data import tokenizer as tok
+
+    candidates = [vocab_file]
+    info = read_run_info(model_path) if model_path else None
+    if info:
+        candidates.append(info.get("configs", {}).get("data", {}).get("vocab_file", ""))
+        run_corpus = info.get("configs", {}).get("data", {}).get("corpus_dir", "")
+        if run_corpus:
+            candidates.append(os.path.join(run_corpus, "vocab.txt"))
+    if data_dir:
+        candidates.append(os.path.join(data_dir, "vocab.txt"))
+    path = next((c for c in candidates if c and os.path.exists(c)), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"no vocabulary found (tried {[c for c in candidates if c]}); pass vocab_file"
+        )
+    vocab = tok.load_vocabulary(path)
+    mc = model.model_config
+    if len(vocab) > mc.vocab_size:
+        raise ValueError(
+            f"vocabulary {path} has {len(vocab)} tokens but the model's embedding table has "
+            f"{mc.vocab_size}: it is not the vocabulary the model was trained with"
+        )
+    if len(vocab) != mc.vocab_size:
+        log.warning(
+            "vocabulary %s has %d tokens, model vocab_size is %d", path, len(vocab), mc.vocab_size
+        )
+    return tok.ReportTokenizer(vocab, max_length=mc.max_length)
+
+
+def random_init_twin(model, seed: int = 1):
+    """A freshly initialised PLACEModel with the same configs as `model` (the baseline of
+    "what did pre-training buy"). Seeds Keras' global RNG with `seed`."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return _build_from_configs(
+        dataclasses.asdict(model.model_config),
+        dataclasses.asdict(model.objective_config),
+        seed=seed,
+    )
+
+
+def image_size_of(model) -> int:
+    return int(model.model_config.image_size)
+
+
+# ------------------------------------------------------------------ extraction
+_ENCODER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encoder_fns(model, image_keys=("image_embedding",), text_keys=()):
+    """(image fn, text fn): tf.functions returning the requested encoder outputs (inference).
+
+    Cached per model and key set, so successive splits reuse one trace. The functions
+    hold the model weakly (the cache must not keep a model alive).
+    """
+    import tensorflow as tf
+
+    key = (tuple(image_keys), tuple(text_keys))
+    per_model = _ENCODER_CACHE.setdefault(model, {})
+    if key in per_model:
+        return per_model[key]
+    ref = weakref.ref(model)
+
+    @tf.function(reduce_retracing=True)
+    def enc_image(images):
+        out = ref().encode_image(images, training=False)
+        return {k: out[k] for k in key[0]}
+
+    @tf.function(reduce_retracing=True)
+    def enc_text(token_ids, padding_mask):
+        out = ref().encode_text(token_ids, padding_mask, training=False)
+        return {k: out[k] for k in key[1]}
+
+    per_model[key] = (enc_image, enc_text)
+    return enc_image, enc_text
+
+
+def extract(
+    model,
+    data_dir: str,
+    split: str,
+    tokenizer,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    image_outputs: tuple[str, ...] = ("image_embedding", "image_features"),
+    text_outputs: tuple[str, ...] = (),
+    with_reports: bool = False,
+    with_images: bool = False,
+    max_examples: int = 0,
+) -> dict:
+    """Frozen encoder outputs of every example of `split`, in the corpus order, as NumPy.
+
+    Returns {"labels" [N, 14] float32, "class_label" [N] int64, each requested output
+    (e.g. "image_embedding" [N, E], "attention_maps" [N, K, h, w], "text_embedding" [N, E]),
+    optionally "report" (list[str], never logged) and "image" [N, S, S, 1],
+    "image_id" (list[str], or None when ids cannot be aligned)}.
+    """
+    from place_tf.data import pipeline
+
+    image_size = image_size or image_size_of(model)
+    unknown = set(image_outputs) - set(IMAGE_OUTPUTS) | set(text_outputs) - set(TEXT_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown encoder outputs {sorted(unknown)}")
+    ds = pipeline.make_eval_dataset(
+        data_dir,
+        split,
+        tokenizer,
+        batch_size=batch_size,
+        image_size=image_size,
+        with_text=with_reports,
+    )
+    enc_image, enc_text = encoder_fns(model, tuple(image_outputs), tuple(text_outputs))
+    parts: dict[str, list] = {}
+    n = 0
+    for batch in ds:
+        if image_outputs:
+            for k, v in enc_image(batch["image"]).items():
+                parts.setdefault(k, []).append(v.numpy())
+        if text_outputs:
+            for k, v in enc_text(batch["token_ids"], batch["padding_mask"]).items():
+                parts.setdefault(k, []).append(v.numpy())
+        parts.setdefault("labels", []).append(batch["labels"].numpy().astype(np.float32))
+        if "class_label" in batch:
+            parts.setdefault("class_label", []).append(
+                batch["class_label"].numpy().astype(np.int64)
+            )
+        if with_images:
+            parts.setdefault("image", []).append(batch["image"].numpy())
+        if with_reports:
+            parts.setdefault("report", []).append(
+                [
+                    r.decode("utf-8") if isinstance(r, bytes) else str(r)
+                    for r in batch["report"].numpy()
+                ]
+            )
+        if "image_id" in batch:
+            parts.setdefault("image_id", []).append(
+                [i.decode("utf-8") for i in batch["image_id"].numpy()]
+            )
+        n += int(batch["labels"].shape[0])
+        if max_examples and n >= max_examples:
+            break
+    if not parts:
+        raise ValueError(f"{data_dir}: split {split!r} has no examples")
+    out: dict = {}
+    for k, v in parts.items():
+        out[k] = sum(v, []) if k in ("report", "image_id") else np.concatenate(v, axis=0)
+    if max_examples:
+        out = {k: v[:max_examples] for k, v in out.items()}
+    if "class_label" not in out:
+        out["class_label"] = np.full(len(out["labels"]), -1, np.int64)
+    if "image_id" not in out:
+        out["image_id"] = _aligned_image_ids(data_dir, split, out["labels"], out["class_label"])
+    return out
+
+
+def encode_images(
+    model, images: np.ndarray, outputs=("image_embedding",), batch_size: int = 64
+) -> dict:
+    """encode_image outputs for an in-memory image array [N, S, S, 1] (already normalised)."""
+    enc_image, _ = encoder_fns(model, tuple(outputs), ())
+    parts: dict[str, list] = {k: [] for k in outputs}
+    for i in range(0, len(images), batch_size):
+        for k, v in enc_image(images[i : i + batch_size]).items():
+            parts[k].append(v.numpy())
+    return {k: np.concatenate(v, axis=0) if v else np.zeros((0,)) for k, v in parts.items()}
+
+
+def read_rows_in_eval_order(data_dir: str, split: str) -> list[tuple[str, int, list[int]]]:
+    """(image_id, class_label, chexpert) per record, in the order make_eval_dataset yields.
+
+    Mirrors the eval pipeline's reading: shards interleaved one record at a time
+    (cycle_length = min(#shards, 8)), records with an empty report left out. Callers must
+    still check the result against the pipeline's labels (a skipped bad record shifts it).
+    """
+    import tensorflow as tf
+
+    from place_tf.data import manifest, schema
+
+    files = manifest.split_files(data_dir, split)
+    full = schema.feature_spec()
+    keys = (
+        schema.IMAGE_ID,
+        schema.CLASS_LABEL,
+        schema.CHEXPERT,
+        schema.FINDINGS,
+        schema.IMPRESSION,
+    )
+    spec = {k: full[k] for k in keys}
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1
+    )
+    rows = []
+    for batch in ds.batch(256).map(lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
+        for i, c, v, f, imp in zip(
+            batch[schema.IMAGE_ID],
+            batch[schema.CLASS_LABEL],
+            batch[schema.CHEXPERT],
+            batch[schema.FINDINGS],
+            batch[schema.IMPRESSION],
+            strict=True,
+        ):
+            if not schema.report_text(f.decode("utf-8"), imp.decode("utf-8")):
+                continue
+            rows.append((i.decode("utf-8"), int(c), [int(x) for x in v]))
+    return rows
+
+
+def _aligned_image_ids(data_dir, split, labels, class_label) -> list[str] | None:
+    """Image ids in the pipeline's row order, if they provably line up with `labels`.
+
+    The eval pipeline yields no ids. They are read in the same order
+    (read_rows_in_eval_order) and accepted only when every row's CheXpert and class labels
+    agree with the pipeline's; otherwise None (callers fall back, with a warning).
+    """
+    n = len(labels)
+    rows = read_rows_in_eval_order(data_dir, split)[:n]  # a prefix when extraction stopped early
+    chex = np.asarray([r[2] for r in rows], dtype=np.float32).reshape(-1, labels.shape[1])
+    cls = np.asarray([r[1] for r in rows], dtype=np.int64)
+    if len(rows) != n or not np.array_equal(chex, labels) or not np.array_equal(cls, class_label):
+        log.warning(
+            "split %s: the pipeline's rows (%d) do not line up with the shard records (%d) "
+            "(skipped or reordered records); image ids unavailable",
+            split,
+            n,
+            len(rows),
+        )
+        return None
+    return [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------ output
+def write_result(result: dict, output: str, table: str | None = None) -> str:
+    """Write `result` as strict JSON (NaN -> null) to `output` and `table` beside it (.md)."""
+    from place_tf.evaluate.metrics import nan_to_none
+
+    if not output:
+        return ""
+    d = os.path.dirname(os.path.abspath(output))
+    os.makedirs(d, exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(nan_to_none(result), f, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(tmp, output)
+    if table is not None:
+        md = os.path.splitext(output)[0] + ".md"
+        with open(md, "w") as f:
+            f.write(table.rstrip() + "\n")
+    return output
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A metric value for a table: fixed digits, '-' for None/NaN."""
+    if x is None:
+        return "-"
+    try:
+        xf = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "-" if xf != xf else f"{xf:.{digits}f}"

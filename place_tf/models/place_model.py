@@ -1,0 +1,424 @@
+"""PLACEModel: image/report encoders, pathology observations, CCE decoder, MGCA heads.
+
+One Keras 3 model serves every objective of the ablation table (objectives.py). The
+objective's active terms (its terms with λ > 0) decide which optional branches exist:
+  - always: image + text encoders, global projection heads, the shared pathology queries
+    with the image (VPOE) and text (T-POR) observation extractors — `encode_image` /
+    `encode_text` always return observations and attention maps, so every checkpoint
+    exports the same signature (for ConVIRT / MGCA those weights are simply untrained and
+    `compute_losses` never runs them);
+  - "cce": the correlation decoder (+ an EMA teacher image encoder when
+    cce_teacher="ema");
+  - "cta": local projection heads + token-wise cross-attention; "cpa": prototypes.
+Every layer is built in __init__ from the configs (no forward pass), so the model is
+ready for `model.fit`, a distribution strategy, or `keras.saving.load_model`.
+
+Losses follow contract (c) (place_tf/losses): a replica returns its share; with no
+strategy it is the plain full-batch loss. [design] choices made here: PCMA shares the
+learnable logit scale with ITA; CCE masks a static N - round(N·ratio) visible patches per
+example; the decoder uses `query_heads` heads; projection heads are 2-layer MLPs with
+hidden width 4·embed_dim; MGCA word tokens exclude [CLS].
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from place_tf.config import ModelConfig, ObjectiveConfig, from_dict, to_dict
+from place_tf.losses.cce import cce_loss
+from place_tf.losses.gather import replica_info
+from place_tf.losses.ita import ita_loss
+from place_tf.losses.mgca import cpa_loss, cta_loss
+from place_tf.losses.pcma import pcma_loss
+from place_tf.models import objectives
+from place_tf.models.image_encoders import build_image_encoder
+from place_tf.models.layers.correlation_decoder import CorrelationDecoder
+from place_tf.models.layers.mgca_heads import PrototypeLayer, TokenCrossAttention
+from place_tf.models.layers.observation_extractor import LearnedQueries, ObservationExtractor
+from place_tf.models.layers.projection_head import ProjectionHead
+from place_tf.models.text_encoder import build_text_encoder
+
+MAX_LOGIT_SCALE = 100.0
+PROJECTION_HIDDEN_MULT = 4
+DEFAULT_CTA_TEMPERATURE = 0.1  # MGCA's local_temperature
+DEFAULT_CPA_TEMPERATURE = 0.2  # MGCA's proto_temperature
+
+
+def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
+    """Static number of patches the CCE student sees: N - round(N * ratio), at least 1."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"ModelConfig.cce_mask_ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, num_patches - int(round(num_patches * mask_ratio)))
+
+
+@keras.saving.register_keras_serializable(package="place_tf")
+class PLACEModel(keras.Model):
+    """PLACE and its baselines. See module docstring; API per the project contract (d).
+
+    Args:
+        model_config: ModelConfig or its dict.
+        objective_config: ObjectiveConfig or its dict (see objectives.objective_config).
+        seed: seed of the CCE mask generator (None: drawn from Keras' global RNG, which
+            keras.utils.set_random_seed makes deterministic).
+    """
+
+    def __init__(self, model_config, objective_config, seed=None, **kwargs):
+        if isinstance(model_config, dict):
+            model_config = from_dict(ModelConfig, model_config)
+        if isinstance(objective_config, dict):
+            objective_config = from_dict(ObjectiveConfig, objective_config)
+        objectives.validate(objective_config)
+        super().__init__(**kwargs)
+        self.model_config = model_config
+        self.objective_config = objective_config
+        self.seed = seed
+        self.terms = objectives.active_terms(objective_config)
+        mc, oc = model_config, objective_config
+        e = mc.embed_dim
+        hidden = PROJECTION_HIDDEN_MULT * e
+        drop = mc.dropout
+
+        self.image_encoder = build_image_encoder(mc, name="image_encoder")
+        self.text_encoder = build_text_encoder(mc, name="text_encoder")
+        self.image_projection = ProjectionHead(e, hidden, dropout=drop, name="image_projection")
+        self.text_projection = ProjectionHead(e, hidden, dropout=drop, name="text_projection")
+        self.pathology_queries = LearnedQueries(
+            mc.num_queries, mc.query_width, name="pathology_queries"
+        )
+        self.image_observer = ObservationExtractor(
+            mc.query_layers, mc.query_heads, mc.query_width, dropout=drop, name="image_observer"
+        )
+        self.text_observer = ObservationExtractor(
+            mc.query_layers, mc.query_heads, mc.query_width, dropout=drop, name="text_observer"
+        )
+        self.image_observation_projection = ProjectionHead(
+            e, hidden, dropout=drop, name="image_observation_projection"
+        )
+        self.text_observation_projection = ProjectionHead(
+            e, hidden, dropout=drop, name="text_observation_projection"
+        )
+        self.num_visible = num_visible_patches(self.image_encoder.num_patches, mc.cce_mask_ratio)
+        if "cce" in self.terms:
+            self.correlation_decoder = CorrelationDecoder(
+                num_patches=self.image_encoder.num_patches,
+                num_layers=mc.cce_decoder_layers,
+                num_heads=mc.query_heads,
+                width=mc.cce_decoder_width,
+                output_dim=self.image_encoder.token_dim,
+                dropout=drop,
+                name="correlation_decoder",
+            )
+            self.cce_seed_generator = keras.random.SeedGenerator(seed, name="cce_mask_seed")
+            if oc.cce_teacher == "ema":
+                self.teacher_encoder = build_image_encoder(
+                    mc, init=False, name="teacher_image_encoder"
+                )
+                self.teacher_encoder.trainable = False
+        if "cta" in self.terms:
+            self.image_local_projection = ProjectionHead(
+                e, hidden, dropout=drop, name="image_local_projection"
+            )
+            self.text_local_projection = ProjectionHead(
+                e, hidden, dropout=drop, name="text_local_projection"
+            )
+            self.token_cross_attention = TokenCrossAttention(
+                num_heads=1, dropout=drop, name="token_cross_attention"
+            )
+        if "cpa" in self.terms:
+            self.prototype_layer = PrototypeLayer(mc.num_prototypes, e, name="prototypes")
+        self.log_logit_scale = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(math.log(1.0 / oc.temperature_init)),
+            trainable=bool(oc.learn_temperature),
+            name="log_logit_scale",
+        )
+        self.loss_trackers = [
+            keras.metrics.Mean(name=k) for k in ("loss",) + objectives.loss_keys(oc)
+        ]
+        self._build_all()
+
+    # ---------------------------------------------------------------- construction
+
+    def _build_all(self):
+        """Build every sublayer from the configs (shapes only, no forward pass)."""
+        mc = self.model_config
+        s, k, q, length = mc.image_size, mc.num_queries, mc.query_width, mc.max_length
+        enc, txt = self.image_encoder, self.text_encoder
+        n, w, wt = enc.num_patches, enc.token_dim, txt.token_dim
+        enc.build((None, s, s, 1))
+        txt.build((None, length))
+        self.image_projection.build((None, enc.global_dim))
+        self.text_projection.build((None, txt.global_dim))
+        self.pathology_queries.build()
+        self.image_observer.build((None, n, w), (None, k, q))
+        self.text_observer.build((None, length, wt), (None, k, q))
+        self.image_observation_projection.build((None, k, q))
+        self.text_observation_projection.build((None, k, q))
+        if "cce" in self.terms:
+            m = self.num_visible
+            self.correlation_decoder.build((None, m, w), (None, m), (None, length, wt))
+            if self.objective_config.cce_teacher == "ema":
+                self.teacher_encoder.build((None, s, s, 1))
+                self._ema_teacher(0.0)  # start as an exact copy
+        if "cta" in self.terms:
+            e = mc.embed_dim
+            self.image_local_projection.build((None, n, w))
+            self.text_local_projection.build((None, length, wt))
+            self.token_cross_attention.build((None, n, e), (None, length, e))
+        if "cpa" in self.terms:
+            self.prototype_layer.build()
+        self.built = True
+
+    def get_config(self):
+        # The preset paths are dropped: the saved weights already contain them, and a
+        # loaded model must not need (or re-read) the preset directories.
+        mc = to_dict(self.model_config)
+        mc["image_init"] = ""
+        mc["text_init"] = ""
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model_config": mc,
+            "objective_config": to_dict(self.objective_config),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def build_from_config(self, config):
+        pass  # built in __init__
+
+    # ---------------------------------------------------------------- encoders
+
+    @property
+    def logit_scale(self):
+        """exp(log_logit_scale), clipped at 100 (float32 scalar)."""
+        v = ops.convert_to_tensor(self.log_logit_scale)
+        return ops.exp(ops.minimum(ops.cast(v, "float32"), math.log(MAX_LOGIT_SCALE)))
+
+    def _observe(self, extractor, projection, tokens, mask, training):
+        queries = self.pathology_queries(tokens)
+        obs, attn = extractor(tokens, queries, token_mask=mask, training=training)
+        return projection(obs, training=training), attn
+
+    def encode_image(self, images, training=False):
+        """dict(image_embedding [B,E], observations [B,K,E] (both L2-normalised),
+        attention_maps [B,K,h,w], patch_tokens [B,N,W], image_features [B,G])."""
+        g = self.image_encoder.grid_size
+        features, tokens = self.image_encoder(images, training=training)
+        obs, attn = self._observe(
+            self.image_observer, self.image_observation_projection, tokens, None, training
+        )
+        return {
+            "image_embedding": self.image_projection(features, training=training),
+            "observations": obs,
+            "attention_maps": ops.reshape(attn, (-1, self.model_config.num_queries, g, g)),
+            "patch_tokens": tokens,
+            "image_features": features,
+        }
+
+    def encode_text(self, token_ids, padding_mask, training=False):
+        """dict(text_embedding [B,E], text_observations [B,K,E] (L2-normalised),
+        token_states [B,L,W], text_features [B,W] (the [CLS] state))."""
+        cls, states, mask = self.text_encoder(token_ids, padding_mask, training=training)
+        obs, _ = self._observe(
+            self.text_observer, self.text_observation_projection, states, mask, training
+        )
+        return {
+            "text_embedding": self.text_projection(cls, training=training),
+            "text_observations": obs,
+            "token_states": states,
+            "text_features": cls,
+        }
+
+    def call(self, inputs, training=False):
+        out = dict(self.encode_image(inputs["image"], training=training))
+        out.update(self.encode_text(inputs["token_ids"], inputs["padding_mask"], training=training))
+        return out
+
+    # ---------------------------------------------------------------- CCE
+
+    def sample_keep_indices(self, batch_size):
+        """[B, M] int32 distinct random patch indices per example (M = self.num_visible).
+
+        Seeded by the model's SeedGenerator, decorrelated across replicas by the replica id.
+        """
+        if "cce" not in self.terms:
+            raise ValueError(f"objective {self.objective_config.name!r} has no CCE term")
+        seed = ops.cast(self.cce_seed_generator.next(), "int64")
+        replica_id, _ = replica_info()
+        seed = seed + ops.stack([ops.cast(replica_id, "int64") * 1_000_003, ops.cast(0, "int64")])
+        # Philox explicitly (not "auto_select", which depends on the device). XLA and the TF
+        # kernels may still draw different bits: pass `cce_keep_indices` to pin a mask.
+        noise = tf.random.stateless_uniform(
+            (batch_size, self.image_encoder.num_patches), seed, alg="philox"
+        )
+        _, idx = tf.math.top_k(noise, k=self.num_visible, sorted=False)
+        return ops.cast(idx, "int32")
+
+    def _cce(self, images, tokens, states, mask, training, keep=None):
+        oc = self.objective_config
+        if oc.cce_teacher == "ema":
+            _, target = self.teacher_encoder(images, training=False)
+        else:
+            target = tokens
+        target = ops.stop_gradient(target)
+        if keep is None:
+            keep = self.sample_keep_indices(ops.shape(images)[0])
+        _, visible = self.image_encoder.encode_patches(images, keep, training=training)
+        predicted = self.correlation_decoder(
+            visible, keep, states, context_mask=mask, training=training
+        )
+        return cce_loss(target, predicted, oc.cce_target_temperature, oc.cce_student_temperature)
+
+    def _ema_teacher(self, momentum):
+        """teacher ← momentum·teacher + (1-momentum)·student (momentum 0: exact copy)."""
+        teacher, student = self.teacher_encoder.weights, self.image_encoder.weights
+        if len(teacher) != len(student):
+            raise RuntimeError("teacher and student image encoders differ in structure")
+        for t, s in zip(teacher, student, strict=True):
+            if tuple(t.shape) != tuple(s.shape):
+                raise RuntimeError(f"teacher weight {t.path} {t.shape} != student {s.shape}")
+            if momentum == 0.0:
+                t.assign(s)
+            else:
+                t.assign(momentum * t + (1.0 - momentum) * ops.cast(s, t.dtype))
+
+    def update_teacher(self, momentum=None):
+        """EMA step teacher ← m·teacher + (1-m)·student (no-op unless cce_teacher="ema").
+
+        Call after each optimizer step (train_step does); under tf.distribute call it in
+        cross-replica context (outside strategy.run) so every mirrored copy is updated.
+        """
+        if "cce" not in self.terms or self.objective_config.cce_teacher != "ema":
+            return
+        m = self.objective_config.ema_momentum if momentum is None else momentum
+        self._ema_teacher(float(m))
+
+    # ---------------------------------------------------------------- losses
+
+    def compute_losses(self, batch, training=False):
+        """(total float32 scalar, dict of float32 scalars) for `batch` (contract (a)).
+
+        Keys: the active terms (ita, pcma + pcma_inter + pcma_slot, cce, cta, cpa) and
+        temperature (1 / logit_scale). total = Σ λ_t · term_t over the active terms.
+        An optional batch["cce_keep_indices"] [B, M] int32 (M = self.num_visible, distinct
+        per row) replaces the random CCE mask (evaluation, tests).
+        """
+        oc = self.objective_config
+        images = batch["image"]
+        features, tokens = self.image_encoder(images, training=training)
+        cls, states, mask = self.text_encoder(
+            batch["token_ids"], batch["padding_mask"], training=training
+        )
+        img_emb = self.image_projection(features, training=training)
+        txt_emb = self.text_projection(cls, training=training)
+        scale = self.logit_scale
+        losses = {}
+        if "ita" in self.terms:
+            losses["ita"] = ita_loss(img_emb, txt_emb, scale)
+        if "pcma" in self.terms:
+            v_obs, _ = self._observe(
+                self.image_observer, self.image_observation_projection, tokens, None, training
+            )
+            t_obs, _ = self._observe(
+                self.text_observer, self.text_observation_projection, states, mask, training
+            )
+            p = pcma_loss(v_obs, t_obs, scale)
+            losses["pcma"], losses["pcma_inter"], losses["pcma_slot"] = (
+                p["total"],
+                p["inter"],
+                p["slot"],
+            )
+        if "cce" in self.terms:
+            losses["cce"] = self._cce(
+                images, tokens, states, mask, training, batch.get("cce_keep_indices")
+            )
+        if "cta" in self.terms:
+            img_local = self.image_local_projection(tokens, training=training)
+            txt_local = self.text_local_projection(states, training=training)
+            length = ops.shape(mask)[1]
+            words = ops.logical_and(mask, (ops.arange(length) > 0)[None, :])  # no [CLS]
+            img_for_txt, txt_for_img = self.token_cross_attention(
+                img_local, txt_local, text_mask=words, training=training
+            )
+            losses["cta"] = cta_loss(
+                img_local,
+                txt_local,
+                words,
+                img_for_txt,
+                txt_for_img,
+                getattr(oc, "cta_temperature", DEFAULT_CTA_TEMPERATURE),
+            )
+        if "cpa" in self.terms:
+            losses["cpa"] = cpa_loss(
+                img_emb,
+                txt_emb,
+                self.prototype_layer(img_emb),
+                oc.sinkhorn_epsilon,
+                oc.sinkhorn_iterations,
+                getattr(oc, "cpa_temperature", DEFAULT_CPA_TEMPERATURE),
+            )
+        losses = {k: ops.cast(v, "float32") for k, v in losses.items()}
+        total = ops.convert_to_tensor(0.0, "float32")
+        for t in self.terms:
+            total = total + float(getattr(oc, f"lambda_{t}")) * losses[t]
+        losses["temperature"] = 1.0 / scale
+        return total, losses
+
+    # ---------------------------------------------------------------- fit
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers)
+
+    def _record(self, total, losses):
+        values = {"loss": total, **losses}
+        for m in self.loss_trackers:
+            m.update_state(values[m.name])
+        return {m.name: m.result() for m in self.loss_trackers}
+
+    @property
+    def trainable_loss_variables(self):
+        """The trainable variables compute_losses uses for this objective (all get a gradient).
+
+        The observation branch exists for every objective (encode outputs) but is only
+        trained by PCMA; custom loops should differentiate w.r.t. this list, not
+        `trainable_variables`, so that no None gradient reaches an all-reduce.
+        """
+        if "pcma" in self.terms:
+            return list(self.trainable_variables)
+        unused = {
+            id(v)
+            for layer in (
+                self.pathology_queries,
+                self.image_observer,
+                self.text_observer,
+                self.image_observation_projection,
+                self.text_observation_projection,
+            )
+            for v in layer.trainable_variables
+        }
+        return [v for v in self.trainable_variables if id(v) not in unused]
+
+    def train_step(self, data):
+        batch, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            total, losses = self.compute_losses(batch, training=True)
+            scaled = self.optimizer.scale_loss(total)
+        variables = self.trainable_loss_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        self.update_teacher()
+        return self._record(total, losses)
+
+    def test_step(self, data):
+        batch, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        total, losses = self.compute_losses(batch, training=False)
+        return self._record(total, losses)
