@@ -9,7 +9,6 @@ schema has anomalies, or the fraction of bad examples exceeds `max_bad_fraction`
 never report text or ids.
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -67,12 +66,13 @@ def check_records(files: list[str]) -> Counter:
 
 def anomalies_found(anomalies_uri: str, split: str) -> list[str]:
     """Feature names with anomalies in ExampleValidator's output for one split."""
-    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
 
     path = os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb")
     if not os.path.exists(path):
         return []
-    anomalies = tfdv.load_anomalies_binary(path)
+    with open(path, "rb") as f:
+        anomalies = anomalies_pb2.Anomalies.FromString(f.read())
     return sorted(anomalies.anomaly_info.keys())
 
 

@@ -122,3 +122,14 @@ def check_same_shape(a: tf.Tensor, b: tf.Tensor, names: str, fn: str) -> None:
 def to_float32(x) -> tf.Tensor:
     """Losses compute in float32 whatever the compute dtype (bfloat16/float16 policies)."""
     return tf.cast(tf.convert_to_tensor(x), tf.float32)
+
+
+def diagonal(x: tf.Tensor) -> tf.Tensor:
+    """Diagonal of square matrices [..., M, M] -> [..., M].
+
+    A masked sum instead of tf.linalg.diag_part: the gradient of MatrixDiagPartV3 fails
+    TF's shape check when the batch dimension is unknown at trace time (model.fit without
+    drop_remainder), and XLA fuses this just as well.
+    """
+    m = tf.shape(x)[-1]
+    return tf.reduce_sum(x * tf.eye(m, dtype=x.dtype), axis=-1)

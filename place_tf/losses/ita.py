@@ -8,6 +8,7 @@ import tensorflow as tf
 from place_tf.losses.gather import (
     check_rank,
     check_same_shape,
+    diagonal,
     gather_with_grad,
     scale_grad_for_replicas,
     to_float32,
@@ -18,8 +19,8 @@ def symmetric_infonce(logits) -> tf.Tensor:
     """0.5 * (CE over rows + CE over columns) of square logits [..., M, M], positives on the
     diagonal; returns the mean over the M positives for each leading index -> [...]."""
     logits = to_float32(logits)
-    rows = tf.linalg.diag_part(tf.nn.log_softmax(logits, axis=-1))
-    cols = tf.linalg.diag_part(tf.nn.log_softmax(logits, axis=-2))
+    rows = diagonal(tf.nn.log_softmax(logits, axis=-1))
+    cols = diagonal(tf.nn.log_softmax(logits, axis=-2))
     return -0.5 * (tf.reduce_mean(rows, axis=-1) + tf.reduce_mean(cols, axis=-1))
 
 

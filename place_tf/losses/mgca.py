@@ -23,6 +23,7 @@ import tensorflow as tf
 from place_tf.losses.gather import (
     check_rank,
     check_same_shape,
+    diagonal,
     gather_with_grad,
     per_example_to_replica,
     scale_grad_for_replicas,
@@ -55,8 +56,8 @@ def _token_infonce(sim: tf.Tensor, mask: tf.Tensor, weights) -> tf.Tensor:
     neg = tf.cast(_NEG, sim.dtype)
     to_other = tf.nn.log_softmax(tf.where(mask[:, None, :], sim, neg), axis=-1)
     from_other = tf.nn.log_softmax(tf.where(mask[:, :, None], sim, neg), axis=-2)
-    ce_1 = -tf.linalg.diag_part(to_other)  # token i vs attended features j
-    ce_2 = -tf.linalg.diag_part(from_other)  # attended feature j vs tokens i
+    ce_1 = -diagonal(to_other)  # token i vs attended features j
+    ce_2 = -diagonal(from_other)  # attended feature j vs tokens i
     ce_1 = tf.where(mask, ce_1, tf.zeros_like(ce_1))
     ce_2 = tf.where(mask, ce_2, tf.zeros_like(ce_2))
     w = tf.cast(mask, sim.dtype)

@@ -372,13 +372,6 @@ def test_fit_decreases_loss_place_xla():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="place_tf/losses/ita.py symmetric_infonce: the gradient of tf.linalg.diag_part "
-    "on [B, K, K] logits with an unknown batch dim fails TF's MatrixDiagV3 shape check "
-    "('num_rows = 4 != min_num_rows = -1') when traced by model.fit; fix in the losses",
-)
 def test_fit_pcma_with_unknown_batch_dim():
     history = _fit("place_no_cce", jit_compile=False, steps=2, drop_remainder=False)
     assert np.isfinite(history["loss"]).all()
