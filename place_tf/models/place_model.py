@@ -262,7 +262,7 @@ class PLACEModel(keras.Model):
         _, idx = tf.math.top_k(noise, k=self.num_visible, sorted=False)
         return ops.cast(idx, "int32")
 
-    def _cce(self, images, tokens, states, mask, training, keep=None):
+    def _cce(self, images, tokens, states, mask, training, keep=None, global_batch_size=None):
         oc = self.objective_config
         if oc.cce_teacher == "ema":
             _, target = self.teacher_encoder(images, training=False)
@@ -275,7 +275,13 @@ class PLACEModel(keras.Model):
         predicted = self.correlation_decoder(
             visible, keep, states, context_mask=mask, training=training
         )
-        return cce_loss(target, predicted, oc.cce_target_temperature, oc.cce_student_temperature)
+        return cce_loss(
+            target,
+            predicted,
+            oc.cce_target_temperature,
+            oc.cce_student_temperature,
+            global_batch_size=global_batch_size,
+        )
 
     def _ema_teacher(self, momentum):
         """teacher ← momentum·teacher + (1-momentum)·student (momentum 0: exact copy)."""
@@ -311,34 +317,42 @@ class PLACEModel(keras.Model):
         An optional batch["cce_keep_indices"] [B, M] int32 (M = self.num_visible, distinct
         per row) replaces the random CCE mask (evaluation, tests).
         """
+        return self.losses_from_features(self.forward_features(batch, training=training))
+
+    def forward_features(self, batch, training=False):
+        """The per-replica part of compute_losses: encoders, heads and the per-example
+        terms (CCE, CTA). No cross-replica collective, so it compiles under XLA inside
+        strategy.run; losses_from_features adds the gathered contrastive terms."""
         oc = self.objective_config
         images = batch["image"]
         features, tokens = self.image_encoder(images, training=training)
         cls, states, mask = self.text_encoder(
             batch["token_ids"], batch["padding_mask"], training=training
         )
-        img_emb = self.image_projection(features, training=training)
-        txt_emb = self.text_projection(cls, training=training)
-        scale = self.logit_scale
-        losses = {}
-        if "ita" in self.terms:
-            losses["ita"] = ita_loss(img_emb, txt_emb, scale)
+        _, replicas = replica_info()
+        # Even shards (drop_remainder per replica): no collective needed for the size.
+        global_batch = ops.shape(images)[0] * replicas
+        out = {
+            "img_emb": self.image_projection(features, training=training),
+            "txt_emb": self.text_projection(cls, training=training),
+            "global_batch": global_batch,
+        }
         if "pcma" in self.terms:
-            v_obs, _ = self._observe(
+            out["v_obs"], _ = self._observe(
                 self.image_observer, self.image_observation_projection, tokens, None, training
             )
-            t_obs, _ = self._observe(
+            out["t_obs"], _ = self._observe(
                 self.text_observer, self.text_observation_projection, states, mask, training
             )
-            p = pcma_loss(v_obs, t_obs, scale)
-            losses["pcma"], losses["pcma_inter"], losses["pcma_slot"] = (
-                p["total"],
-                p["inter"],
-                p["slot"],
-            )
         if "cce" in self.terms:
-            losses["cce"] = self._cce(
-                images, tokens, states, mask, training, batch.get("cce_keep_indices")
+            out["cce"] = self._cce(
+                images,
+                tokens,
+                states,
+                mask,
+                training,
+                batch.get("cce_keep_indices"),
+                global_batch_size=global_batch,
             )
         if "cta" in self.terms:
             img_local = self.image_local_projection(tokens, training=training)
@@ -348,19 +362,39 @@ class PLACEModel(keras.Model):
             img_for_txt, txt_for_img = self.token_cross_attention(
                 img_local, txt_local, text_mask=words, training=training
             )
-            losses["cta"] = cta_loss(
+            out["cta"] = cta_loss(
                 img_local,
                 txt_local,
                 words,
                 img_for_txt,
                 txt_for_img,
                 getattr(oc, "cta_temperature", DEFAULT_CTA_TEMPERATURE),
+                global_batch_size=global_batch,
+            )
+        if "cpa" in self.terms:
+            out["prototypes"] = self.prototype_layer(out["img_emb"])
+        return out
+
+    def losses_from_features(self, feats):
+        """The contrastive terms over the gathered global batch, and the weighted total."""
+        oc = self.objective_config
+        img_emb, txt_emb = feats["img_emb"], feats["txt_emb"]
+        scale = self.logit_scale
+        losses = {k: feats[k] for k in ("cce", "cta") if k in feats}
+        if "ita" in self.terms:
+            losses["ita"] = ita_loss(img_emb, txt_emb, scale)
+        if "pcma" in self.terms:
+            p = pcma_loss(feats["v_obs"], feats["t_obs"], scale, feats["global_batch"])
+            losses["pcma"], losses["pcma_inter"], losses["pcma_slot"] = (
+                p["total"],
+                p["inter"],
+                p["slot"],
             )
         if "cpa" in self.terms:
             losses["cpa"] = cpa_loss(
                 img_emb,
                 txt_emb,
-                self.prototype_layer(img_emb),
+                feats["prototypes"],
                 oc.sinkhorn_epsilon,
                 oc.sinkhorn_iterations,
                 getattr(oc, "cpa_temperature", DEFAULT_CPA_TEMPERATURE),
