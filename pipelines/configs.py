@@ -6,6 +6,7 @@ runner, the TFX CLI and the Kubeflow runner share one definition.
 
 from __future__ import annotations
 
+import json
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,9 @@ TRAINING = {
     "warmup_steps": 5,
     "vocab_size": 1000,
 }
+# A JSON object in PLACE_TRAINING_JSON replaces these settings (tests, experiments).
+if os.environ.get("PLACE_TRAINING_JSON"):
+    TRAINING = json.loads(os.environ["PLACE_TRAINING_JSON"])
 TRAIN_STEPS = int(_env("PLACE_TRAIN_STEPS", "60"))
 EVAL_STEPS = int(_env("PLACE_EVAL_STEPS", "5"))
 
@@ -73,10 +77,11 @@ BLESSING = {
 MAX_BAD_FRACTION = float(_env("PLACE_MAX_BAD_FRACTION", "0.0"))
 
 # Beam: DirectRunner in multi-processing mode locally; Dataflow on GCP (see README).
-BEAM_PIPELINE_ARGS = [
-    "--direct_running_mode=multi_processing",
-    "--direct_num_workers=0",
-]
+BEAM_PIPELINE_ARGS = (
+    ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    if os.environ.get("PLACE_BEAM_IN_MEMORY")  # small corpora, tests: no worker start-up
+    else ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+)
 DATAFLOW_BEAM_PIPELINE_ARGS = [
     "--runner=DataflowRunner",
     "--project=" + _env("GOOGLE_CLOUD_PROJECT", "my-project"),

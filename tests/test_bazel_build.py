@@ -5,7 +5,10 @@
 - every py_library / py_binary / py_test lists as deps exactly the project targets its
   sources import (lazy imports inside functions count; `if TYPE_CHECKING:` ones do not),
   and the packages those imports pass through (`place_tf/__init__.py`, ...) are reachable;
+- no dependency cycles (modules that import each other must share one target);
 - //tests:fast lists every py_test that is not tagged slow.
+
+A failure names the file, the target and the BUILD file to edit, with the fix.
 
 BUILD files are Python syntax, so they are read with `ast` (a small Starlark subset:
 calls, assignments, lists, `+`, glob); no Bazel is needed. Only the last test, marked slow,
@@ -290,14 +293,57 @@ def library_owners(rules: dict[str, Rule]) -> dict[str, list[str]]:
     return owners
 
 
-def _suggest(rules: dict[str, Rule], owners, path: str) -> str:
-    """Where a forgotten module most likely belongs: its siblings' library."""
+def _package_build(repo: Path, path: str) -> str:
+    """The BUILD file of the Bazel package a file belongs to (nearest one above it)."""
+    directory = Path(path).parent
+    while True:
+        for name in ("BUILD", "BUILD.bazel"):
+            if (repo / directory / name).is_file():
+                return (directory / name).as_posix()
+        if directory == Path("."):
+            return "BUILD"
+        directory = directory.parent
+
+
+def _short(label: str, pkg: str) -> str:
+    path, _, name = label[2:].partition(":")
+    if path == pkg:
+        return ":" + name
+    return f"//{path}" if path.rsplit("/", 1)[-1] == name else label
+
+
+def _deps_for(repo: Path, rules, owners, path: str, pkg: str) -> list[str]:
+    """The deps a new target for `path` needs: the libraries owning what it imports, and
+    its own package's __init__ target when no such dep brings it."""
+    labels = set()
+    for mod, _ in imported_modules(repo, path):
+        labels.update(owners.get(module_file(repo, mod) or "", []))
+    if path.split("/")[0] in LIBRARY_ROOTS:
+        reachable = _closure(rules, labels)
+        for package in package_chain(module_name(path)):
+            for owner in owners.get(module_file(repo, package) or "", []):
+                if owner not in reachable:
+                    labels.add(owner)
+    return sorted(_short(x, pkg) for x in labels)
+
+
+def _suggest(repo: Path, rules: dict[str, Rule], owners, path: str, kind: str) -> str:
+    """Where a forgotten module belongs: the library holding most of its directory, or a
+    new target (with the deps its imports need) in its package's BUILD file."""
     directory = os.path.dirname(path)
-    for other, labels in sorted(owners.items()):
+    counts: dict[str, int] = {}
+    for other, labels in owners.items():
         if os.path.dirname(other) == directory and other != path:
-            rule = rules[labels[0]]
-            return f"add it to srcs of {rule.label} in {rule.build_file}"
-    return "add a py_library for it (in the BUILD file of its package)"
+            counts[labels[0]] = counts.get(labels[0], 0) + 1
+    best = max(sorted(counts), key=counts.get, default=None)
+    if kind == "py_library" and best and counts[best] >= 2:
+        return f"add it to srcs of {best} in {rules[best].build_file}"
+    build = _package_build(repo, path)
+    pkg = _package_of(build)
+    rel = Path(path).relative_to(pkg).as_posix() if pkg else path
+    deps = ", ".join(f'"{d}"' for d in _deps_for(repo, rules, owners, path, pkg))
+    name = Path(path).stem
+    return f'add {kind}(name = "{name}", srcs = ["{rel}"], deps = [{deps}]) to {build}'
 
 
 def check_module_coverage(repo: Path, rules: dict[str, Rule]) -> list[str]:
@@ -307,7 +353,10 @@ def check_module_coverage(repo: Path, rules: dict[str, Rule]) -> list[str]:
         for path in python_files(repo, root):
             labels = owners.get(path, [])
             if not labels:
-                problems.append(f"{path} is in no py_library: {_suggest(rules, owners, path)}")
+                problems.append(
+                    f"{path} is in no py_library: "
+                    + _suggest(repo, rules, owners, path, "py_library")
+                )
             elif len(labels) > 1:
                 problems.append(f"{path} is in {len(labels)} py_libraries: {', '.join(labels)}")
     for rule in rules.values():
@@ -321,15 +370,15 @@ def check_module_coverage(repo: Path, rules: dict[str, Rule]) -> list[str]:
 
 
 def check_tool_binaries(repo: Path, rules: dict[str, Rule]) -> list[str]:
+    owners = library_owners(rules)
     problems = []
     for path in sorted(p.relative_to(repo).as_posix() for p in (repo / "tools").glob("*.py")):
         mains = [r.label for r in rules.values() if r.kind == "py_binary" and r.main == path]
         if len(mains) != 1:
-            found = ", ".join(mains) or "none"
-            stem = Path(path).stem
             problems.append(
-                f"{path} must be the main of exactly one py_binary (found: {found}); "
-                f'add py_binary(name = "{stem}", srcs = ["{stem}.py"], deps = [...]) to tools/BUILD'
+                f"{path} must be the main of exactly one py_binary (found: "
+                f"{', '.join(mains) or 'none'}): "
+                + _suggest(repo, rules, owners, path, "py_binary")
             )
     return problems
 
@@ -400,6 +449,32 @@ def check_deps(repo: Path, rules: dict[str, Rule]) -> list[str]:
     return problems
 
 
+def check_cycles(rules: dict[str, Rule]) -> list[str]:
+    """Bazel refuses cyclic deps; modules that import each other must share a target."""
+    problems, state = [], {}
+
+    def visit(label, stack):
+        state[label] = "open"
+        for dep in rules[label].deps:
+            if dep not in rules:
+                continue
+            if state.get(dep) == "open":
+                cycle = stack[stack.index(dep) :] + [dep]
+                problems.append(
+                    "dependency cycle "
+                    + " -> ".join(cycle)
+                    + ": put the modules that import each other into one py_library"
+                )
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[label] = "done"
+
+    for label in sorted(rules):
+        if label not in state:
+            visit(label, [label])
+    return problems
+
+
 def check_fast_suite(rules: dict[str, Rule]) -> list[str]:
     suite = rules.get("//tests:fast")
     if suite is None:
@@ -443,7 +518,7 @@ def test_every_tool_script_has_a_py_binary(rules):
 
 
 def test_deps_are_exactly_the_imported_targets(rules):
-    problems = check_deps(REPO, rules)
+    problems = check_deps(REPO, rules) + check_cycles(rules)
     assert not problems, _report(problems)
 
 
@@ -504,6 +579,7 @@ def _problems(root: Path) -> list[str]:
         check_module_coverage(root, rules)
         + check_tool_binaries(root, rules)
         + check_deps(root, rules)
+        + check_cycles(rules)
         + check_fast_suite(rules)
     )
 
@@ -557,6 +633,19 @@ def test_an_unused_dep_and_an_unreachable_package_are_reported(tmp_path):
         p.startswith("//place_tf/b:b (place_tf/b/BUILD): missing dep //place_tf:init")
         for p in problems
     ), problems
+
+
+def test_a_dependency_cycle_is_reported(tmp_path):
+    # place_tf/b now imports place_tf.a, which imports place_tf.b lazily.
+    files = {**GOOD, "place_tf/b/z.py": "import place_tf.a.x\nthing = 1\n"}
+    files["place_tf/b/BUILD"] = (
+        'py_library(name = "b", srcs = glob(["*.py"]), deps = ["//place_tf/a", "//place_tf:init"])\n'
+    )
+    _write(tmp_path, files)
+    assert _problems(tmp_path) == [
+        "dependency cycle //place_tf/a:a -> //place_tf/b:b -> //place_tf/a:a: put the modules "
+        "that import each other into one py_library"
+    ]
 
 
 def test_tools_and_fast_suite_gaps_are_reported(tmp_path):

@@ -1,0 +1,230 @@
+"""The TFX pipeline end to end on a tiny SynthCXR corpus, with a real MLMD store.
+
+1. The user path: `tfx pipeline create` + `tfx run create` (the TFX CLI) run every
+   component; MLMD holds the artifacts and their lineage; the pushed, versioned SavedModel
+   answers `serving_default`.
+2. A corrupt corpus (empty reports, undecodable images) is stopped by the corpus gate
+   before training, and nothing is pushed.
+3. The Kubeflow V2 runner compiles a pipeline JSON with every component and our image.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_TRAINING = {
+    "objective": "place",
+    "image_size": 32,
+    "max_length": 16,
+    "patch_size": 8,
+    "vit_layers": 1,
+    "vit_heads": 2,
+    "vit_width": 32,
+    "vit_mlp": 64,
+    "text_layers": 1,
+    "text_heads": 2,
+    "text_width": 32,
+    "text_mlp": 64,
+    "embed_dim": 16,
+    "num_queries": 4,
+    "query_layers": 1,
+    "query_heads": 2,
+    "query_width": 32,
+    "cce_decoder_layers": 1,
+    "cce_decoder_width": 32,
+    "num_prototypes": 8,
+    "per_replica_batch": 8,
+    "learning_rate": 1e-3,
+    "warmup_steps": 1,
+    "vocab_size": 300,
+    "jit_compile": False,
+}
+COMPONENTS = [
+    "ImportExampleGen",
+    "StatisticsGen",
+    "ImportSchemaGen",
+    "ExampleValidator",
+    "CorpusGate",
+    "Trainer",
+    "latest_blessed_model_resolver",
+    "PlaceEvaluator",
+    "Pusher",
+]
+
+
+def _store(db_path):
+    from ml_metadata.metadata_store import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
+    cfg = metadata_store_pb2.ConnectionConfig()
+    cfg.sqlite.filename_uri = db_path
+    return metadata_store.MetadataStore(cfg)
+
+
+def _pipeline_env(tmp_path, data_root):
+    env = dict(os.environ)
+    env.update(
+        HOME=str(tmp_path / "home"),
+        PLACE_TFX_ROOT=str(tmp_path / "tfx"),
+        PLACE_DATA_ROOT=str(data_root),
+        PLACE_TRAIN_STEPS="4",
+        PLACE_EVAL_STEPS="1",
+        PLACE_TRAINING_JSON=json.dumps(TINY_TRAINING),
+        PLACE_BEAM_IN_MEMORY="1",
+        PYTHONPATH=REPO,
+    )
+    os.makedirs(env["HOME"], exist_ok=True)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from place_tf.data import synthetic
+
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    synthetic.generate_corpus(str(out), 120, image_size=32, seed=3, num_shards=2, workers=1)
+    return out
+
+
+@pytest.mark.slow
+def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus):
+    env = _pipeline_env(tmp_path, tiny_corpus)
+    tfx_bin = os.path.join(os.path.dirname(sys.executable), "tfx")
+    runner = os.path.join(REPO, "pipelines", "local_runner.py")
+    for cmd in (
+        [tfx_bin, "pipeline", "create", f"--pipeline_path={runner}", "--engine=local"],
+        [tfx_bin, "run", "create", "--pipeline_name=place", "--engine=local"],
+    ):
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    store = _store(str(tmp_path / "tfx" / "metadata" / "place" / "metadata.sqlite"))
+    from ml_metadata.proto import metadata_store_pb2
+
+    execs = store.get_executions()
+    states = {
+        store.get_execution_types_by_id([e.type_id])[0].name: e.last_known_state for e in execs
+    }
+    done = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+    ran = [n for n, s in states.items() if s in done]
+    for comp in ("ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Pusher"):
+        assert any(comp in n for n in ran), (comp, states)
+    assert any("CorpusGate" in n for n in ran) and any("PlaceEvaluator" in n for n in ran)
+
+    # Artifacts of every kind, and the lineage Examples -> Trainer -> Model -> Pusher.
+    for t in ("Examples", "ExampleStatistics", "Schema", "ExampleAnomalies", "Model",
+              "ModelBlessing", "ModelEvaluation", "PushedModel", "PlaceCorpusReport"):
+        assert store.get_artifacts_by_type(t), t
+    model = store.get_artifacts_by_type("Model")[0]
+    events = store.get_events_by_artifact_ids([model.id])
+    producer = [e.execution_id for e in events if e.type == e.OUTPUT][0]
+    inputs = [
+        e.artifact_id for e in store.get_events_by_execution_ids([producer]) if e.type == e.INPUT
+    ]
+    input_types = {
+        store.get_artifact_types_by_id([a.type_id])[0].name for a in store.get_artifacts_by_id(inputs)
+    }
+    assert "Examples" in input_types
+    blessing = store.get_artifacts_by_type("ModelBlessing")[0]
+    assert blessing.custom_properties["blessed"].int_value == 1
+    assert blessing.custom_properties["current_model_id"].int_value == model.id
+
+    # A versioned SavedModel under the serving base dir, answering serving_default.
+    serving = tmp_path / "tfx" / "serving_model" / "place"
+    versions = [d for d in os.listdir(serving) if d.isdigit()]
+    assert len(versions) == 1
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401
+
+    from place_tf.data import synthetic
+
+    img = synthetic.render_example(0, seed=3, image_size=32)[0]
+    png = tf.io.encode_png(img[..., None]).numpy()
+    sm = tf.saved_model.load(str(serving / versions[0]))
+    out = sm.signatures["serving_default"](images=tf.constant([png, png]))
+    emb = out["image_embedding"].numpy()
+    assert emb.shape == (2, TINY_TRAINING["embed_dim"])
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def _corrupt_corpus(src, dst):
+    """A copy of the corpus where a third of the train records lose their report or image."""
+    import tensorflow as tf
+
+    from place_tf.data import manifest, schema
+
+    os.makedirs(dst)
+    m = manifest.read_manifest(str(src))
+    for split, info in m["splits"].items():
+        for name in info["shards"]:
+            with tf.io.TFRecordWriter(os.path.join(dst, name)) as w:
+                for i, s in enumerate(tf.data.TFRecordDataset(os.path.join(src, name))):
+                    rec = schema.from_example(s.numpy())
+                    if split == "train" and i % 3 == 0:
+                        rec.findings, rec.impression = "", ""
+                    if split == "train" and i % 3 == 1:
+                        rec.image = b"\x89PNG\r\n\x1a\n" + b"\0" * 40  # undecodable
+                    w.write(schema.to_example(rec).SerializeToString())
+    with open(os.path.join(dst, manifest.MANIFEST_NAME), "w") as f:
+        json.dump(m, f)
+
+
+@pytest.mark.slow
+def test_corrupt_corpus_is_stopped_before_training_and_nothing_is_pushed(tmp_path, tiny_corpus):
+    bad = tmp_path / "bad_corpus"
+    _corrupt_corpus(tiny_corpus, str(bad))
+    env = _pipeline_env(tmp_path, bad)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "corpus rejected before training" in log
+    assert "empty_report" in log and "bad_image" in log
+    serving = tmp_path / "tfx" / "serving_model" / "place"
+    assert not serving.exists() or not os.listdir(serving)
+    store = _store(str(tmp_path / "tfx" / "metadata" / "place" / "metadata.sqlite"))
+    assert not store.get_artifacts_by_type("Model")
+    assert not store.get_artifacts_by_type("PushedModel")
+
+
+@pytest.mark.slow
+def test_kubeflow_v2_runner_compiles_pipeline_json(tmp_path):
+    out = tmp_path / "place_pipeline.json"
+    image = "example.registry/place-tf:test"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "pipelines", "kubeflow_v2_runner.py"),
+            f"--output={out}",
+            f"--image={image}",
+            "--pipeline_root=gs://bucket/root",
+            "--data_root=gs://bucket/data",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = json.loads(out.read_text())
+    pipeline_spec = spec.get("pipelineSpec", spec)
+    tasks = pipeline_spec["root"]["dag"]["tasks"]
+    for comp in COMPONENTS:
+        assert comp in tasks, (comp, sorted(tasks))
+    executors = pipeline_spec["deploymentSpec"]["executors"]
+    images = {e["container"]["image"] for e in executors.values() if "container" in e}
+    assert images == {image}
+    trainer = json.dumps(executors)
+    assert "/app/pipelines/trainer_module.py" in trainer or "trainer_module" in trainer
