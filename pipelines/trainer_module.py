@@ -65,7 +65,11 @@ def run_fn(fn_args: FnArgs) -> None:
     from place_tf import export as export_lib
 
     export_lib.export_saved_model(
-        trainer.model, trainer.tokenizer, fn_args.serving_model_dir, image_size=cfg.data.image_size
+        trainer.model,
+        trainer.tokenizer,
+        fn_args.serving_model_dir,
+        image_size=cfg.data.image_size,
+        require_version=False,  # TFX's Format-Serving; Pusher versions it
     )
     logging.info(
         "run_fn: %d steps, final loss %.4f; SavedModel in %s",

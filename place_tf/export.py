@@ -385,10 +385,10 @@ def _check_compatible(model, tokenizer, image_size: int) -> None:
         )
 
 
-def _split_version_dir(export_dir: str) -> tuple[str, str]:
+def _split_version_dir(export_dir: str, require_version: bool = True) -> tuple[str, str]:
     export_dir = export_dir.rstrip("/")
     base, version = os.path.split(export_dir)
-    if not version.isdigit():
+    if require_version and not version.isdigit():
         raise ValueError(
             f"export_dir must end in an integer version directory (<base>/<version>, as TF "
             f"Serving expects), got {export_dir!r}"
@@ -413,15 +413,21 @@ def export_saved_model(
     export_dir: str,
     image_size: int = 224,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    require_version: bool = True,
 ) -> str:
     """Write the TF Serving SavedModel to `export_dir` (= `<base>/<integer version>`).
+
+    `require_version=False` accepts any new directory name (TFX's `Format-Serving`, which
+    Pusher later copies into a versioned serving directory).
 
     Written to a hidden temporary directory beside it and renamed into place, so TF Serving
     (which polls `<base>`) never sees a half-written version. An existing version is never
     overwritten (FileExistsError): versions are immutable once served. Returns export_dir.
     """
-    base, version = _split_version_dir(export_dir)
+    base, version = _split_version_dir(export_dir, require_version)
     export_dir = os.path.join(base, version)
+    if not require_version and tf.io.gfile.isdir(export_dir) and not _listdir(export_dir):
+        tf.io.gfile.rmtree(export_dir)  # an empty directory prepared by the orchestrator
     if tf.io.gfile.exists(export_dir):
         raise FileExistsError(
             f"SavedModel version directory {export_dir!r} already exists; refusing to "
