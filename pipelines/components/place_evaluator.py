@@ -67,7 +67,7 @@ def score_model(
     import tensorflow_text  # noqa: F401 - WordPiece ops of the SavedModel
 
     from place_tf.data import schema
-    from place_tf.evaluate import metrics
+    from place_tf.evaluate import linear_probe, metrics
 
     sm = tf.saved_model.load(model_dir)
     tr_ser, tr_lab, tr_rep = _load_examples(examples_uri, train_split)
@@ -80,36 +80,20 @@ def score_model(
         ytr, yte = tr_lab[:, j] == 1, te_lab[:, j] == 1
         if ytr.sum() == 0 or ytr.all() or yte.sum() == 0 or yte.all():
             continue  # no positives or no negatives: AUROC undefined
-        w, b = _logistic_regression(tr_img, ytr.astype(np.float32))
-        per_label[name] = float(metrics.auroc(yte.astype(np.int64), te_img @ w + b))
+        w, b = linear_probe.fit_logistic(tr_img, ytr.astype(np.float64))
+        per_label[name] = float(metrics.roc_auc(yte.astype(np.int64), te_img @ w + b))
     macro = float(np.mean(list(per_label.values()))) if per_label else float("nan")
     # Retrieval: a candidate report is relevant if it has the same positive-label set.
     keys = [tuple(np.flatnonzero(row[idx] == 1)) for row in te_lab]
-    relevance = np.array([[ka == kb for kb in keys] for ka in keys], dtype=bool)
-    sims = te_img @ te_txt.T
-    p5 = float(metrics.precision_at_k(sims, relevance, 5))
+    ids = {k: i for i, k in enumerate(sorted(set(keys)))}
+    classes = np.array([ids[k] for k in keys])
+    p5 = float(metrics.precision_at_k(te_img @ te_txt.T, classes, classes, ks=(5,))[5])
     return {
         "probe_auroc": macro,
         "probe_per_label": per_label,
         "retrieval_p_at_5": p5,
         "num_test": len(te_ser),
     }
-
-
-def _logistic_regression(x, y, steps: int = 300, lr: float = 0.5, l2: float = 1e-3):
-    """Full-batch gradient descent on standardised features (deterministic, no sklearn)."""
-    import numpy as np
-
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    w = np.zeros(z.shape[1], np.float64)
-    b = 0.0
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
-        g = p - y
-        w -= lr * (z.T @ g / len(y) + l2 * w)
-        b -= lr * g.mean()
-    return w / sd, b - float((mu / sd) @ w)
 
 
 @component
