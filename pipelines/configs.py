@@ -29,7 +29,9 @@ DATA_ROOT = _env("PLACE_DATA_ROOT", os.path.join(REPO_ROOT, "data", "synth_tfx")
 # With no data configured the local runner generates this many SynthCXR images.
 SYNTHETIC_IMAGES = int(_env("PLACE_SYNTHETIC_IMAGES", "600"))
 SCHEMA_PATH = os.path.join(REPO_ROOT, "pipelines", "schema")
-TRAINER_MODULE = os.path.join(REPO_ROOT, "pipelines", "trainer_module.py")
+# The Trainer's run_fn as an import path: importable wherever the repo (or the component
+# image's /app) is on the Python path, with no module-file packaging step.
+TRAINER_RUN_FN = "pipelines.trainer_module.run_fn"
 
 # Training settings passed to place_tf.train through the Trainer's custom_config: the
 # same names as the CLI flags (place_tf/config.py).

@@ -36,7 +36,7 @@ def compile_pipeline(
         pipeline_root=pipeline_root,
         data_root=data_root,
         schema_path=f"{IMAGE_REPO_ROOT}/pipelines/schema",
-        trainer_module=f"{IMAGE_REPO_ROOT}/pipelines/trainer_module.py",
+        trainer_run_fn=configs.TRAINER_RUN_FN,
         serving_model_dir=serving_dir,
         training=configs.TRAINING,
         train_steps=configs.TRAIN_STEPS,

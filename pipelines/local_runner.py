@@ -44,7 +44,7 @@ def build() -> tfx.dsl.Pipeline:
         pipeline_root=configs.PIPELINE_ROOT,
         data_root=configs.DATA_ROOT,
         schema_path=configs.SCHEMA_PATH,
-        trainer_module=configs.TRAINER_MODULE,
+        trainer_run_fn=configs.TRAINER_RUN_FN,
         serving_model_dir=configs.SERVING_MODEL_DIR,
         training=configs.TRAINING,
         train_steps=configs.TRAIN_STEPS,

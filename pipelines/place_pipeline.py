@@ -23,7 +23,7 @@ def create_pipeline(
     pipeline_root: str,
     data_root: str,
     schema_path: str,
-    trainer_module: str,
+    trainer_run_fn: str,
     serving_model_dir: str,
     training: dict,
     train_steps: int,
@@ -51,7 +51,7 @@ def create_pipeline(
         max_bad_fraction=max_bad_fraction,
     )
     trainer = tfx.components.Trainer(
-        module_file=trainer_module,
+        run_fn=trainer_run_fn,
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
         train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=train_steps),

@@ -6,4 +6,5 @@ from tfx.types.artifact import Artifact
 class CorpusReport(Artifact):
     """The corpus gate's verdict: counts of bad examples by reason, per split (no content)."""
 
-    TYPE_NAME = "PlaceCorpusReport"
+    # "<namespace>.<Name>": the form KFP v2 schema titles require.
+    TYPE_NAME = "place.CorpusReport"
