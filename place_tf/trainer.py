@@ -9,12 +9,21 @@ which is the convention of place_tf.losses (see losses/gather.py). With one repl
 whole forward+loss+backward is one XLA function.
 
 Guarantees (each proved by a test, see README "Reliability"):
-- a killed run resumes from its last checkpoint with optimizer state, step counter,
-  learning-rate schedule and data-iterator position;
-- SIGTERM writes a checkpoint before exiting;
+- a killed run resumes from its last checkpoint with optimizer state, step counter and
+  learning-rate schedule; in --deterministic mode it also replays the input stream up to
+  the step, so its weights equal an uninterrupted run's bit for bit (see `_dataset_fn`:
+  the data iterator itself is never checkpointed, its state would hold training data);
+- a truncated or half-written latest checkpoint is skipped for the previous good one;
+- SIGTERM writes a checkpoint at the current step and exits with 128 + 15;
+- multi-worker: every worker restores the chief's checkpoint (non-chief workers write to
+  scratch directories), so a job restarted after losing a worker resumes at the chief's
+  saved step;
 - a step with a non-finite loss/gradient is skipped (never applied), counted, and the run
-  stops with a clear error after `max_bad_steps` of them;
-- bad records are skipped and counted by the input pipeline, reported in the summary;
+  stops with a clear error after `max_bad_steps` of them; with mixed_float16, a step whose
+  scaled gradients overflow only halves the loss scale (counted as `overflow_steps`, not as
+  a bad step, unless the scale is already <= 1);
+- bad records are skipped and counted by the input pipeline, reported in the summary; a
+  training shard that disappears mid-run stops the run with FileNotFoundError naming it;
 - report text and ids are never logged or written to TensorBoard.
 """
 
@@ -67,6 +76,67 @@ class NonFiniteLossError(RuntimeError):
     """Raised when too many steps produced NaN/Inf losses or gradients."""
 
 
+def missing_inputs(files) -> list[str]:
+    """The input files that no longer exist (checked when the input stream misbehaves)."""
+    import tensorflow as tf
+
+    return [f for f in files if not tf.io.gfile.exists(f)]
+
+
+def raise_if_inputs_missing(files, ckpt_dir: str, cause: BaseException | None = None) -> None:
+    """FileNotFoundError naming the training shards that disappeared during the run.
+
+    The input pipeline skips unreadable shards as corrupt records (counted, pass after
+    pass); the trainer calls this when that count grows or the input stream fails, so a
+    vanished shard becomes an error instead of silently less data.
+    """
+    gone = missing_inputs(files)
+    if gone:
+        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        raise FileNotFoundError(
+            f"{len(gone)} training input shard(s) disappeared during the run: {shown}. "
+            f"Restore them (or fix the corpus) and restart: training resumes from the last "
+            f"checkpoint in {ckpt_dir}"
+        ) from cause
+
+
+class _Checkpoints:
+    """What restore_latest_good needs of a CheckpointManager: `checkpoints`, oldest first."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints = list(checkpoints)
+
+
+def readable_checkpoints(checkpoints) -> _Checkpoints:
+    """The checkpoints up to the newest one whose every tensor reads back (CRC-checked).
+
+    A crash (of the machine, not just the process) can leave the latest checkpoint listed
+    but truncated; TF then fails in ways restore does not always report as OpError (a
+    truncated object graph raises IndexError) or after assigning part of the variables.
+    Reading it first, without assigning anything, skips it cleanly. Only checkpoints
+    newer than the first readable one are read twice.
+    """
+    import tensorflow as tf
+
+    checkpoints = list(checkpoints)
+    while checkpoints:
+        path = checkpoints[-1]
+        try:
+            reader = tf.train.load_checkpoint(path)
+            for key in reader.get_variable_to_shape_map():
+                reader.get_tensor(key)
+            break
+        except Exception as e:  # TF is not uniform: OpError, IndexError, ValueError, ...
+            logging.warning(
+                "checkpoint %s is unreadable or incomplete (%s: %s); trying an older one",
+                path,
+                type(e).__name__,
+                str(e)[:200],
+            )
+            checkpoints.pop()
+    return _Checkpoints(checkpoints)
+
+
 class _TerminationFlag:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step and exits."""
 
@@ -104,16 +174,59 @@ def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int):
 
 
 def _git_revision() -> str:
+    """HEAD's commit of the checkout holding this package ("" outside one).
+
+    `git` when it is installed, else read from .git directly (the training image or the
+    chroot may have no git binary, and run_info must still name the code revision).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            timeout=10,
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         ).stdout.strip()
+        if out:
+            return out
     except (OSError, subprocess.SubprocessError):
-        return ""
+        pass
+    return _read_git_head(here)
+
+
+def _read_git_head(start: str) -> str:
+    d = start
+    while True:
+        git = os.path.join(d, ".git")
+        if os.path.exists(git):
+            break
+        parent = os.path.dirname(d)
+        if parent == d:
+            return ""
+        d = parent
+    try:
+        if os.path.isfile(git):  # worktree / submodule: "gitdir: <path>"
+            with open(git) as f:
+                git = os.path.join(d, f.read().split(":", 1)[1].strip())
+        with open(os.path.join(git, "HEAD")) as f:
+            head = f.read().strip()
+        if not head.startswith("ref:"):
+            return head  # detached HEAD
+        ref = head.split(":", 1)[1].strip()
+        common = git
+        if os.path.exists(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir")) as f:
+                common = os.path.join(git, f.read().strip())
+        for base in (git, common):
+            path = os.path.join(base, ref)
+            if os.path.exists(path):
+                with open(path) as f:
+                    return f.read().strip()
+        with open(os.path.join(common, "packed-refs")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0]
+    except (OSError, IndexError):
+        pass
+    return ""
 
 
 @dataclasses.dataclass
@@ -160,20 +273,29 @@ class Trainer:
             raise FileNotFoundError(f"--train_files={d.train_files!r} matches no file")
         return files
 
-    def _dataset_fn(self, tokenizer, global_batch: int):
-        import tensorflow as tf
+    def _dataset_fn(self, tokenizer, global_batch: int, start_step: int = 0):
+        """Per-pipeline dataset function of a run that starts (or resumes) at `start_step`.
 
+        Why the data iterator is not checkpointed: a tf.data iterator's saved state holds
+        its shuffle/prefetch buffers, i.e. report text, images and ids; checkpoints must
+        hold no training data (README "Reliability"); tf.distribute's multi-replica
+        iterators cannot be checkpointed at all. Instead, on resume:
+        - with --deterministic the stream is replayed up to the step (`skip`: exact, the
+          same batches and augmentations as an uninterrupted run; it costs reading the
+          skipped data again);
+        - otherwise (tf.data is then not reproducible anyway) the stream is reseeded by the
+          step, so a run pre-empted repeatedly does not keep restarting one shuffle order.
+        Each input pipeline feeds num_replicas / num_input_pipelines batches per step.
+        """
         from place_tf.data import pipeline
 
         d, t = self.cfg.data, self.cfg.train
-
-        # The skip counters are updated inside the pipeline (stateful ops); they are
-        # checkpointed separately, so iterator checkpoints ignore that external state.
-        options = tf.data.Options()
-        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+        deterministic = d.deterministic or t.deterministic
+        replay = start_step if deterministic else 0
+        seed = t.seed if deterministic or not start_step else t.seed + 7919 * start_step
 
         def fn(input_context):
-            return pipeline.make_dataset(
+            ds = pipeline.make_dataset(
                 self._train_source(),
                 "train",
                 tokenizer,
@@ -181,12 +303,18 @@ class Trainer:
                 image_size=d.image_size,
                 training=True,
                 augment=d.augment,
-                deterministic=d.deterministic or t.deterministic,
-                seed=t.seed,
+                deterministic=deterministic,
+                seed=seed,
                 input_context=input_context,
                 repeat=True,
                 skip_counter=self.skip_counter,
-            ).with_options(options)
+            )
+            if replay:
+                per_step = max(
+                    1, input_context.num_replicas_in_sync // input_context.num_input_pipelines
+                )
+                ds = ds.skip(replay * per_step)
+            return ds
 
         return fn
 
@@ -257,30 +385,63 @@ class Trainer:
             )
             optimizer.build(model.trainable_variables)  # before tracing (keras#23085)
             bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
+            # Loop steps including skipped ones (optimizer.iterations counts applied
+            # steps only) and mixed_float16 loss-scale overflows (not bad steps).
+            counters = _StepCounters()
 
-        dist_ds = strategy.distribute_datasets_from_function(
-            self._dataset_fn(tokenizer, global_batch)
-        )
-        iterator = iter(dist_ds)
+        # Checked when the input stream misbehaves (see raise_if_inputs_missing).
+        input_files = pipeline.resolve_files(self._train_source(), "train")
+        # No data iterator in the checkpoint (see _dataset_fn): weights, optimizer, counters.
+        state = {
+            "bad_steps": bad_steps,
+            "skips": self.skip_counter.checkpointable(),
+            **counters.as_dict(),
+        }
         # Keyed by variable path: tf.train.Checkpoint(model=...) misses Keras 3 layers
         # held in lists (see place_tf/checkpointing.py).
-        ckpt = checkpointing.make_checkpoint(
-            model,
-            optimizer,
-            iterator=iterator,
-            bad_steps=bad_steps,
-            skips=self.skip_counter.checkpointable(),
-        )
+        ckpt = checkpointing.make_checkpoint(model, optimizer, **state)
         ckpt_dir = os.path.join(t.model_dir, CKPT_SUBDIR)
-        if not chief:  # non-chief workers write to a scratch dir (multi-worker protocol)
-            ckpt_dir = os.path.join(t.model_dir, f"tmp_worker_{strategy.cluster_resolver.task_id}")
-        manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=t.keep_checkpoints)
-        restored = checkpointing.restore_latest_good(manager, ckpt)
-        start_step = int(optimizer.iterations.numpy())
+        if chief:
+            manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=t.keep_checkpoints)
+            restore_from = manager
+        else:
+            # Multi-worker protocol: non-chief workers take part in every save (it is
+            # collective) but write to a scratch dir; all workers restore the chief's.
+            scratch = os.path.join(t.model_dir, f"tmp_worker_{strategy.cluster_resolver.task_id}")
+            manager = tf.train.CheckpointManager(ckpt, scratch, max_to_keep=1)
+            restore_from = tf.train.CheckpointManager(
+                ckpt, ckpt_dir, max_to_keep=t.keep_checkpoints
+            )
+        candidates = readable_checkpoints(restore_from.checkpoints)
+        restored = checkpointing.restore_latest_good(candidates, ckpt)
+        if restored is None and restore_from.checkpoints:
+            # Never train on top of a half-restored state or overwrite a run's history.
+            raise RuntimeError(
+                f"none of the {len(restore_from.checkpoints)} checkpoints in {ckpt_dir} "
+                "could be restored (unreadable, or not from this model/configuration: see "
+                "the warnings above). Use another --model_dir, or delete them to start over."
+            )
+        start_step = int(counters.global_step.numpy())
         if restored:
             logging.info("resumed from %s at step %d", restored, start_step)
+        if start_step and (c.data.deterministic or t.deterministic):
+            logging.info("replaying the input stream up to step %d (--deterministic)", start_step)
+            self.skip_counter.reset()  # the replay counts the skipped records again
+        elif start_step:
+            logging.info("input stream reseeded at step %d", start_step)
+        iterator = iter(
+            strategy.distribute_datasets_from_function(
+                self._dataset_fn(tokenizer, global_batch, start_step)
+            )
+        )
 
-        train_step = self._make_train_step(strategy, model, optimizer, bad_steps, replicas)
+        def save(step):
+            if not (manager.latest_checkpoint or "").endswith(f"-{step}"):
+                manager.save(checkpoint_number=step)
+
+        train_step = self._make_train_step(
+            strategy, model, optimizer, bad_steps, replicas, counters=counters
+        )
         writer = (
             tf.summary.create_file_writer(os.path.join(t.model_dir, "tensorboard"))
             if chief
@@ -293,16 +454,26 @@ class Trainer:
         logs_np: dict = {}
         step = start_step
         interrupted = False
+        corrupt_seen = self.skip_counter.as_dict()["corrupt_record"]
         try:
             while step < total_steps:
-                batch = next(iterator)
+                try:
+                    batch = next(iterator)
+                except (tf.errors.OpError, StopIteration) as e:
+                    raise_if_inputs_missing(input_files, ckpt_dir, e)
+                    raise
                 logs = train_step(batch)
                 step += 1
                 if step == start_step + 1:
                     t_after_first = time.time()  # excludes tracing/XLA compilation
                 logs_np = {k: float(v.numpy()) for k, v in logs.items()}
+                # A vanished shard reads as a corrupt record: check the files then.
+                corrupt = self.skip_counter.as_dict()["corrupt_record"]
+                if corrupt != corrupt_seen:
+                    corrupt_seen = corrupt
+                    raise_if_inputs_missing(input_files, ckpt_dir)
                 if int(bad_steps.numpy()) > t.max_bad_steps:
-                    manager.save(checkpoint_number=step)
+                    save(step)
                     raise NonFiniteLossError(
                         f"{int(bad_steps.numpy())} training steps had a non-finite loss or "
                         f"gradient (limit max_bad_steps={t.max_bad_steps}); stopping at step "
@@ -324,6 +495,9 @@ class Trainer:
                         )
                         tf.summary.scalar("train/images_per_second", ips)
                         tf.summary.scalar("train/bad_steps", int(bad_steps.numpy()))
+                        tf.summary.scalar(
+                            "train/overflow_steps", int(counters.overflow_steps.numpy())
+                        )
                 if chief:
                     progbar.update(
                         step,
@@ -334,9 +508,9 @@ class Trainer:
                         ],
                     )
                 if step % t.checkpoint_every == 0:
-                    manager.save(checkpoint_number=step)
+                    save(step)
                 if self.flag.signum is not None:
-                    manager.save(checkpoint_number=step)
+                    save(step)
                     interrupted = True
                     logging.warning(
                         "signal %d received: checkpoint written at step %d", self.flag.signum, step
@@ -347,8 +521,7 @@ class Trainer:
             writer.flush()
         if interrupted:
             sys.exit(128 + int(self.flag.signum))
-        if not manager.latest_checkpoint or not manager.latest_checkpoint.endswith(f"-{step}"):
-            manager.save(checkpoint_number=step)
+        save(step)
         elapsed = time.time() - t0
         summary = {
             "steps": step,
@@ -363,6 +536,7 @@ class Trainer:
             else None,
             "final_losses": logs_np,
             "bad_steps": int(bad_steps.numpy()),
+            "overflow_steps": int(counters.overflow_steps.numpy()),
             "skipped_records": self.skip_counter.as_dict(),
             "checkpoint": manager.latest_checkpoint,
         }
@@ -375,10 +549,13 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------- step
-    def _make_train_step(self, strategy, model, optimizer, bad_steps, replicas):
+    def _make_train_step(self, strategy, model, optimizer, bad_steps, replicas, counters=None):
+        """The distributed step `step(dist_batch) -> logs`; updates bad_steps and, when
+        given, the `_StepCounters` (global step, loss-scale overflows)."""
         import tensorflow as tf
 
         t = self.cfg.train
+        dynamic = t.mixed_precision == "mixed_float16"
         # Only the variables the objective uses (ConVIRT leaves the PCMA branch unused, and
         # a None gradient must not reach the cross-replica reduction).
         variables = model.trainable_loss_variables
@@ -396,7 +573,7 @@ class Trainer:
 
             def replica_step(batch):
                 total, logs, grads = fused(batch)
-                return self._apply(total, logs, grads, optimizer, bad_steps, variables)
+                return self._apply(total, logs, grads, optimizer, dynamic, variables)
         elif t.jit_compile and hasattr(model, "forward_features"):
             # Several replicas: the encoders (and per-example losses) run under XLA; the
             # cross-replica gather of the contrastive losses runs outside it (XLA:CPU has
@@ -409,7 +586,7 @@ class Trainer:
                     total, logs = model.losses_from_features(feats)
                     scaled = optimizer.scale_loss(total)
                 grads = tape.gradient(scaled, variables)
-                return self._apply(total, logs, grads, optimizer, bad_steps, variables)
+                return self._apply(total, logs, grads, optimizer, dynamic, variables)
         else:
             if t.jit_compile:
                 logging.warning(
@@ -418,7 +595,7 @@ class Trainer:
 
             def replica_step(batch):
                 total, logs, grads = loss_and_grads(batch)
-                return self._apply(total, logs, grads, optimizer, bad_steps, variables)
+                return self._apply(total, logs, grads, optimizer, dynamic, variables)
 
         @tf.function
         def step(dist_batch):
@@ -427,7 +604,14 @@ class Trainer:
                 k: strategy.reduce(_REDUCTION.get(k, "mean"), v, axis=None)
                 for k, v in per_replica.items()
             }
-            bad_steps.assign_add(tf.cast(logs["skipped_step"] > 0, tf.int64))
+            skipped = logs["skipped_step"] > 0
+            overflow = logs.pop("overflow_step") > 0
+            # A loss-scale overflow (mixed_float16) is routine: the scale halves, the step
+            # is skipped; only genuinely non-finite steps count towards max_bad_steps.
+            bad_steps.assign_add(tf.cast(skipped & ~overflow, tf.int64))
+            if counters is not None:
+                counters.global_step.assign_add(1)
+                counters.overflow_steps.assign_add(tf.cast(overflow, tf.int64))
             if self.cfg.objective.cce_teacher == "ema" and "cce" in logs:
                 model.update_teacher()  # cross-replica context: every copy moves alike
             return combine_logs(logs, self.cfg.objective)
@@ -435,17 +619,32 @@ class Trainer:
         return step
 
     @staticmethod
-    def _apply(total, logs, grads, optimizer, bad_steps, variables):
+    def _apply(total, logs, grads, optimizer, dynamic, variables):
         import tensorflow as tf
 
         ctx = tf.distribute.get_replica_context()
-        finite = tf.reduce_all(
+        grads_finite = tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
         )
-        finite = tf.logical_and(finite, tf.math.is_finite(total))
+        loss_finite = tf.math.is_finite(total)
         # Same decision on every replica: a single replica's NaN skips the step everywhere.
-        not_finite = ctx.all_reduce("sum", 1.0 - tf.cast(finite, tf.float32))
-        all_finite = not_finite < 0.5
+        bad = ctx.all_reduce(
+            "sum",
+            tf.stack(
+                [
+                    1.0 - tf.cast(tf.logical_and(grads_finite, loss_finite), tf.float32),
+                    1.0 - tf.cast(loss_finite, tf.float32),
+                ]
+            ),
+        )
+        all_finite = bad[0] < 0.5
+        # Finite losses but overflowing scaled gradients while the loss scale is > 1: the
+        # loss scaler's business (it halves the scale), not a bad step.
+        overflow = tf.logical_and(tf.logical_not(all_finite), bad[1] < 0.5)
+        if dynamic:
+            overflow = tf.logical_and(overflow, optimizer.dynamic_scale > 1.0)
+        else:
+            overflow = tf.constant(False)
         grads = [
             g if g is None else tf.where(all_finite, g, tf.fill(tf.shape(g), float("nan")))
             for g in grads
@@ -455,6 +654,7 @@ class Trainer:
         out = {"loss": total}
         out.update({k: v for k, v in logs.items() if k != "loss"})
         out["skipped_step"] = 1.0 - tf.cast(all_finite, tf.float32)
+        out["overflow_step"] = tf.cast(overflow, tf.float32)
         return out
 
     # ---------------------------------------------------------------- outputs
@@ -520,6 +720,19 @@ class Trainer:
         with writer.as_default(step=step):
             tf.summary.image("val/xray", imgs, max_outputs=num_images)
             tf.summary.image("val/query_attention", grid, max_outputs=num_images)
+
+
+class _StepCounters:
+    """Checkpointed loop counters (create inside the strategy scope)."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.overflow_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="overflow_steps")
+
+    def as_dict(self) -> dict:
+        return {"global_step": self.global_step, "overflow_steps": self.overflow_steps}
 
 
 def _dummy_batch(model_cfg, max_length):

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -321,9 +322,9 @@ def random_batch(mc, batch: int, seed: int) -> dict:
 def build_train_step(spec: dict):
     """(step_fn, model, strategy, bad_steps, cfgs) built as `Trainer.run` builds them.
 
-    The step is the trainer's own (`Trainer._make_train_step`); model and optimizer
-    construction mirrors `Trainer.run` line for line (see the report: a
-    `Trainer.build(...)` hook would let both share it).
+    The step is the trainer's own (`Trainer._make_train_step`). Model and optimizer come
+    from `Trainer.build_model_and_optimizer` when the trainer has that hook, else from a
+    line-for-line mirror of `Trainer.run`'s construction.
     """
     import keras
     import tensorflow as tf
@@ -362,28 +363,36 @@ def build_train_step(spec: dict):
     replicas = strategy.num_replicas_in_sync
     if replicas != replicas_wanted:
         raise RuntimeError(f"asked for {replicas_wanted} replicas, the strategy has {replicas}")
-    with strategy.scope():
-        model = PLACEModel(mc, cfgs.objective)
-        model(trainer._dummy_batch(mc, mc.max_length), training=False)
-        inner = keras.optimizers.AdamW(
-            learning_rate=trainer.warmup_cosine(
-                train.learning_rate, train.max_steps, train.warmup_steps
-            ),
-            weight_decay=train.weight_decay,
-            beta_1=train.beta_1,
-            beta_2=train.beta_2,
-            global_clipnorm=None,
+    if hasattr(tr, "build_model_and_optimizer"):  # the hook proposed in the issue-8 report
+        model, optimizer, _, bad_steps, counters = tr.build_model_and_optimizer(
+            strategy, mc, train.max_steps
         )
-        inner.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
-        dynamic = train.mixed_precision == "mixed_float16"
-        optimizer = keras.optimizers.LossScaleOptimizer(
-            inner,
-            initial_scale=2.0**15 if dynamic else 1.0,
-            dynamic_growth_steps=2000 if dynamic else 2**31 - 1,
-        )
-        optimizer.build(model.trainable_variables)
-        bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
-    step = tr._make_train_step(strategy, model, optimizer, bad_steps, replicas)
+    else:
+        with strategy.scope():
+            model = PLACEModel(mc, cfgs.objective)
+            model(trainer._dummy_batch(mc, mc.max_length), training=False)
+            inner = keras.optimizers.AdamW(
+                learning_rate=trainer.warmup_cosine(
+                    train.learning_rate, train.max_steps, train.warmup_steps
+                ),
+                weight_decay=train.weight_decay,
+                beta_1=train.beta_1,
+                beta_2=train.beta_2,
+                global_clipnorm=None,
+            )
+            inner.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
+            dynamic = train.mixed_precision == "mixed_float16"
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                inner,
+                initial_scale=2.0**15 if dynamic else 1.0,
+                dynamic_growth_steps=2000 if dynamic else 2**31 - 1,
+            )
+            optimizer.build(model.trainable_variables)
+            bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
+            # The loop's checkpointed step counters, where this trainer version has them.
+            counters = trainer._StepCounters() if hasattr(trainer, "_StepCounters") else None
+    extra = {"counters": counters} if counters is not None else {}
+    step = tr._make_train_step(strategy, model, optimizer, bad_steps, replicas, **extra)
     return step, model, strategy, bad_steps, cfgs
 
 
@@ -458,7 +467,7 @@ def run_train_worker(spec: dict) -> dict:
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
     if warmup < 1:
         raise ValueError("warmup must be >= 1 (the first step traces and compiles)")
-    times, cpu, losses, warm = [], [], [], []
+    times, cpu, cpu_s, losses, warm = [], [], [], [], []
     traces_at_warm = loss_traces_at_warm = 0
     for i in range(warmup + steps):
         if i == warmup:
@@ -474,7 +483,8 @@ def run_train_worker(spec: dict) -> dict:
             warm.append(dt)
         else:
             times.append(dt)
-            cpu.append((time.process_time() - c0) / dt)
+            cpu_s.append(time.process_time() - c0)
+            cpu.append(cpu_s[-1] / dt)
         losses.append(logs_np["loss"])
     profile = None
     if spec.get("profile_dir"):
@@ -483,6 +493,9 @@ def run_train_worker(spec: dict) -> dict:
     gb = int(spec["global_batch"])
     fl = flops.train_flops_per_step(cfgs.model, cfgs.objective, gb)
     peak = spec.get("peak_gflops")
+    # bf16/fp16 steps are also compared with the same dtype's matmul peak (XLA).
+    peak_same = (spec.get("peak_by_precision") or {}).get(spec["precision"]) or peak
+    peak_cpu = spec.get("peak_per_cpu_s")  # matmul GFLOP per process CPU-second
     res = {
         "config": spec["config"],
         "objective": spec["objective"],
@@ -511,11 +524,19 @@ def run_train_worker(spec: dict) -> dict:
         "rss_after_build_mb": rss_build,
         "peak_rss_mb": peak_rss_mb(),
         "cpu_util_median": round(statistics.median(cpu), 2),
+        # Process CPU-seconds per step: far less sensitive than wall time to other
+        # processes sharing the cores (what remains is cache/SMT interference).
+        "cpu_s_per_step_median": round(statistics.median(cpu_s), 3),
+        "gflop_per_cpu_s": round(fl / statistics.median(cpu_s) / 1e9, 2),
+        "mfu_cpu_time": round(fl / statistics.median(cpu_s) / 1e9 / peak_cpu, 4)
+        if peak_cpu
+        else None,
         "n_params": int(sum(math.prod(v.shape) for v in model.trainable_variables)),
         "train_gflop_per_step": round(fl / 1e9, 2),
         "achieved_gflops": round(fl / med / 1e9, 2),
         "matmul_peak_gflops": peak,
         "mfu": round(fl / med / 1e9 / peak, 4) if peak else None,
+        "mfu_same_dtype_peak": round(fl / med / 1e9 / peak_same, 4) if peak_same else None,
         "traces_total": step.experimental_get_tracing_count(),
         "traces_after_warmup": step.experimental_get_tracing_count() - traces_at_warm,
         "loss_traces_total": traces["calls"],
@@ -573,14 +594,25 @@ def _scope_of(name: str) -> str:
         "token_cross_attention",
         "prototypes",
     )
+    # ViTImageEncoder.encode_patches (the CCE student pass) calls the backbone's
+    # sublayers directly, so its ops carry no image_encoder scope.
+    masked = ("vit_encoder", "vit_patching_and_embedding", "patch_embedding")
     for p in parts:
-        base = p.split(":")[0]
+        base = re.sub(r"_\d+$", "", p.split(":")[0])  # Keras/TF uniquify names: image_encoder_1
         if base in keys:
             return base
-        if base.startswith("gradient_tape"):
-            continue
-    if any(p.startswith(("AdamW", "adam", "loss_scale_optimizer", "adamw")) for p in parts):
+        if base in masked:
+            return "cce_masked_image_encoder"
+    if not parts:
+        return "other"
+    if parts[0].startswith("cond") or any(
+        p.lower().startswith(("adamw", "adam", "loss_scale_optimizer")) for p in parts
+    ):
         return "optimizer"
+    # Trainer._apply's all-replica finite check over every gradient (outside the fused
+    # forward/backward function).
+    if re.match(r"(All|IsFinite|SelectV2|Fill|LogicalAnd|Cast)(_\d+)?$", parts[0]):
+        return "nan_guard"
     return "other"
 
 
@@ -605,8 +637,6 @@ def summarize_xplane(path: str, top: int = 25) -> dict:
             continue
         meta = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
-            if "TraceMe" in line.name or "Python" in line.name:
-                pass
             events = sorted(
                 ((e.offset_ps, e.offset_ps + e.duration_ps, meta.get(e.metadata_id, ""))
                  for e in line.events),
@@ -624,7 +654,7 @@ def summarize_xplane(path: str, top: int = 25) -> dict:
                 stack.append([start, end, name, end - start])
             selfs += [(s[2], s[3]) for s in stack]
             for name, dur in selfs:
-                if ":" not in name or name.startswith(("$", "EagerExecute")):
+                if ":" not in name or "::" in name or name.startswith(("$", "EagerExecute")):
                     continue
                 op_name, _, op_type = name.rpartition(":")
                 if not op_type or " " in op_type:
@@ -673,22 +703,26 @@ def matmul_peak(n: int = 2048, reps: int = 10, threads: int = 0) -> dict:
     def timed(fn, a, b):
         for _ in range(3):
             fn(a, b).numpy()
-        ts = []
+        ts, cs = [], []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(a, b).numpy()
             ts.append(time.perf_counter() - t0)
-        return ts
+            cs.append(time.process_time() - c0)
+        return ts, cs
 
     out = {"n": n, "reps": reps, "threads": threads, "device": _default_device()}
+    gpu = "GPU" in out["device"]
     for key, fn, a, b in (
         ("fp32", tf.matmul, x, y),
         ("fp32_xla", xla, x, y),
         ("bf16_xla", xla, tf.cast(x, tf.bfloat16), tf.cast(y, tf.bfloat16)),
+        *((("fp16_xla", xla, tf.cast(x, tf.float16), tf.cast(y, tf.float16)),) if gpu else ()),
     ):
-        ts = timed(fn, a, b)
+        ts, cs = timed(fn, a, b)
         out[f"{key}_gflops_median"] = round(flop / statistics.median(ts) / 1e9, 1)
         out[f"{key}_gflops_best"] = round(flop / min(ts) / 1e9, 1)
+        out[f"{key}_gflop_per_cpu_s"] = round(flop / max(statistics.median(cs), 1e-9) / 1e9, 1)
     out["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     return out
 
@@ -778,6 +812,12 @@ def _key(r: dict) -> tuple:
     return (r["config"], r["xla"], r["precision"], r["replicas"], r["global_batch"])
 
 
+def _ratio(a: dict, b: dict, key: str):
+    if a.get(key) and b.get(key):
+        return round(a[key] / b[key], 3)
+    return None
+
+
 def summarize_train(results: list[dict]) -> dict:
     """PLACE/ConVIRT step-time ratios, reference comparison, retracing, largest batch."""
     ok = [r for r in results if "error" not in r]
@@ -795,6 +835,7 @@ def summarize_train(results: list[dict]) -> dict:
                 "replicas": k[3],
                 "global_batch": k[4],
                 "ratio": round(r["median_step_s"] / c["median_step_s"], 3),
+                "cpu_time_ratio": _ratio(r, c, "cpu_s_per_step_median"),
                 "flop_ratio": round(r["train_gflop_per_step"] / c["train_gflop_per_step"], 3),
             }
         )
@@ -813,6 +854,8 @@ def summarize_train(results: list[dict]) -> dict:
                     "xla": r["xla"],
                     "ours_s_per_step": r["median_step_s"],
                     "ours_images_per_s": r["images_per_s"],
+                    "ours_cpu_s_per_step": r.get("cpu_s_per_step_median"),
+                    "ours_cpu_util": r.get("cpu_util_median"),
                     **{f"{k}_s_per_step": v for k, v in ref.items()},
                     "pytorch_images_per_s": round(16 / ref["pytorch_eager"], 3),
                     "speed_vs_pytorch": round(ref["pytorch_eager"] / r["median_step_s"], 3),
@@ -849,21 +892,31 @@ def cmd_train(args) -> dict:
     doc["reference"] = REFERENCE
     if args.peak_gflops:
         doc["matmul_peak"] = {"given_gflops": args.peak_gflops}
-        peak = args.peak_gflops
+        peak, by_precision, peak_cpu = args.peak_gflops, {}, None
     else:
         doc["matmul_peak"] = _run_worker(
             "peak", {"n": args.peak_n, "reps": args.peak_reps, "threads": args.threads}, 900
         )
         peak = doc["matmul_peak"].get("fp32_xla_gflops_median")
-    doc["mfu_denominator"] = "fp32 XLA matmul GFLOP/s (median) on the same device"
+        peak_cpu = doc["matmul_peak"].get("fp32_xla_gflop_per_cpu_s")
+        by_precision = {
+            "fp32": peak,
+            "bf16": doc["matmul_peak"].get("bf16_xla_gflops_median"),
+            "fp16": doc["matmul_peak"].get("fp16_xla_gflops_median"),
+        }
+    doc["mfu_denominator"] = (
+        "mfu: fp32 XLA n x n matmul GFLOP/s (median) on the same device; "
+        "mfu_same_dtype_peak: the step precision's own XLA matmul peak; mfu_cpu_time: "
+        "GFLOP per process CPU-second of the step over that of the fp32 XLA matmul"
+    )
     doc["results"] = []
     failed_sweeps: set = set()
     for s in specs:
         sweep_key = (s["config"], s["objective"], s["xla"], s["precision"], s["replicas"])
         if sweep_key in failed_sweeps:
             continue  # a smaller batch already failed (e.g. out of memory)
-        s = dict(s, peak_gflops=peak)
-        print(f"[train] {json.dumps({k: s[k] for k in s if k != 'peak_gflops'})}", flush=True)
+        s = dict(s, peak_gflops=peak, peak_by_precision=by_precision, peak_per_cpu_s=peak_cpu)
+        print(f"[train] {json.dumps({k: s[k] for k in s if not k.startswith('peak')})}", flush=True)
         res = _run_worker("train", s, args.timeout)
         if "error" in res:
             failed_sweeps.add(sweep_key)
@@ -888,6 +941,18 @@ def cmd_train(args) -> dict:
 
 
 def cmd_profile(args) -> dict:
+    if args.summarize_only:
+        path = os.path.join(args.out_dir, f"{args.name or 'profile'}.json")
+        with open(path) as f:
+            doc = json.load(f)
+        for r in doc["results"]:
+            trace = (r.get("profile") or {}).get("trace")
+            if trace and os.path.exists(trace):
+                keep = {k: r["profile"][k] for k in ("steps", "wall_s", "trace")}
+                r["profile"] = {**summarize_xplane(trace), **keep}
+        write_json(doc, args.out_dir, args.name or "profile")
+        print(f"[profile] re-summarised {path}")
+        return doc
     t0 = time.time()
     doc = _header("profile", {k: v for k, v in vars(args).items() if k != "func"})
     doc["results"] = []
@@ -1178,6 +1243,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, default=16)
     pr.add_argument("--profile_steps", type=int, default=3)
     pr.add_argument("--timeout", type=float, default=1800)
+    pr.add_argument(
+        "--summarize_only", action="store_true", help="re-read the traces of <name>.json"
+    )
     pr.set_defaults(func=cmd_profile)
 
     a = sub.add_parser("all", help="input + train + serve (≲ 15 min on 2 CPU cores)")
