@@ -72,6 +72,9 @@ def combine_logs(logs: dict, objective) -> dict:
     return out
 
 
+_SHOWN = ("loss", "ita", "pcma", "cce", "cta", "cpa")
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when too many steps produced NaN/Inf losses or gradients."""
 
@@ -447,6 +450,8 @@ class Trainer:
             if chief
             else tf.summary.create_noop_writer()
         )
+        # A live bar on a terminal; in logs (CI, TFX, compare) one line per log_every steps.
+        interactive = sys.stdout.isatty()
         progbar = keras.utils.Progbar(total_steps, stateful_metrics=None, unit_name="step")
         self.flag.install()
         t0 = t_after_first = time.time()
@@ -498,13 +503,16 @@ class Trainer:
                         tf.summary.scalar(
                             "train/overflow_steps", int(counters.overflow_steps.numpy())
                         )
-                if chief:
+                    if chief and not interactive:
+                        shown = {k: round(v, 4) for k, v in logs_np.items() if k in _SHOWN}
+                        logging.info("step %d/%d %s %.1f images/s", step, total_steps, shown, ips)
+                if chief and interactive:
                     progbar.update(
                         step,
                         [
                             (k, v)
                             for k, v in logs_np.items()
-                            if k in ("loss", "ita", "pcma", "cce", "cta", "cpa")
+                            if k in _SHOWN
                         ],
                     )
                 if step % t.checkpoint_every == 0:
