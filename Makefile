@@ -4,7 +4,7 @@ PLACE_ENV ?= auto
 PYTEST_ARGS ?=
 RUN := tools/run
 
-.PHONY: setup test test-fast lint lock train pipeline bazel-test clean-env
+.PHONY: setup test test-fast lint lock train pipeline compare benchmark bazel-test clean-env
 
 setup:
 	PLACE_ENV=$(PLACE_ENV) bash tools/setup_env.sh
@@ -30,6 +30,12 @@ train:
 pipeline:
 	$(RUN) tfx pipeline create --pipeline_path=$(CURDIR)/pipelines/local_runner.py --engine=local
 	$(RUN) tfx run create --pipeline_name=place --engine=local
+
+compare:
+	$(RUN) python tools/compare.py --config configs/compare_synth.yaml
+
+benchmark:
+	$(RUN) python tools/benchmark.py all
 
 bazel-test:
 	$(RUN) bash tools/bazel_test.sh
