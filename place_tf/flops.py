@@ -114,9 +114,7 @@ def forward_flops(mc: ModelConfig, objective, batch: int) -> dict[str, int]:
     k, q = mc.num_queries, mc.query_width
     if "pcma" in terms:
         obs_head = projection_head_fwd_flops(k, q, e)
-        out["image_observer"] = b * (
-            mc.query_layers * cross_block_fwd_flops(k, n, q, w) + obs_head
-        )
+        out["image_observer"] = b * (mc.query_layers * cross_block_fwd_flops(k, n, q, w) + obs_head)
         out["text_observer"] = b * (
             mc.query_layers * cross_block_fwd_flops(k, length, q, wt) + obs_head
         )
