@@ -43,6 +43,7 @@ class ModelConfig:
     text_heads: int = 12
     text_width: int = 768
     text_mlp: int = 3072
+    text_pooling: str = "mean"  # "mean" over tokens | "cls" (see models/text_encoder.py)
     vocab_size: int = 30522
     max_length: int = 112
     embed_dim: int = 128  # shared projection space

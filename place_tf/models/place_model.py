@@ -225,7 +225,7 @@ class PLACEModel(keras.Model):
 
     def encode_text(self, token_ids, padding_mask, training=False):
         """dict(text_embedding [B,E], text_observations [B,K,E] (L2-normalised),
-        token_states [B,L,W], text_features [B,W] (the [CLS] state))."""
+        token_states [B,L,W], text_features [B,W] (the pooled state, ModelConfig.text_pooling))."""
         cls, states, mask = self.text_encoder(token_ids, padding_mask, training=training)
         obs, _ = self._observe(
             self.text_observer, self.text_observation_projection, states, mask, training

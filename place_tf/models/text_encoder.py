@@ -1,7 +1,12 @@
-"""Report encoder: BERT over WordPiece ids → (CLS state [B,W], token states [B,L,W], mask).
+"""Report encoder: BERT over WordPiece ids → (global [B,W], token states [B,L,W], mask).
 
-Wraps keras_hub's `BertBackbone`. The global feature is the last layer's [CLS] state, as
-MGCA uses it; BERT's `pooled_dense` (tanh) head is not used, so it is frozen (a trainable
+Wraps keras_hub's `BertBackbone`. The global feature (`pooling`) is either the mean of the
+last layer's states over the report's tokens ("mean", default) or the [CLS] state ("cls",
+as MGCA uses with a pre-trained BERT). Why mean by default: in a randomly initialised BERT
+the [CLS] state is nearly the same for every report (cosine 0.99997 across a SynthCXR
+batch, measured), so a from-scratch contrastive run starts with constant text embeddings
+and collapses (ITA stuck at ln B); the mean over tokens differs per report from step 0,
+and works as well with a pre-trained BERT. BERT's `pooled_dense` (tanh) head is not used, so it is frozen (a trainable
 weight that never gets a gradient would trip optimizers and gradient checks). Segment ids
 are all 0. Optional init from a local keras-hub preset directory (see image_encoders):
 the vocabulary must then be the preset's, a longer position table is truncated.
@@ -15,11 +20,13 @@ from keras import ops
 
 from place_tf.models.image_encoders import load_preset_weights
 
+POOLINGS = ("mean", "cls")
+
 
 @keras.saving.register_keras_serializable(package="place_tf")
 class TextEncoder(keras.layers.Layer):
     """call(token_ids [B,L] int, padding_mask [B,L] bool)
-    -> (cls [B,W], token_states [B,L,W], padding_mask [B,L] bool)."""
+    -> (global [B,W], token_states [B,L,W], padding_mask [B,L] bool)."""
 
     def __init__(
         self,
@@ -31,9 +38,13 @@ class TextEncoder(keras.layers.Layer):
         max_sequence_length=112,
         dropout=0.0,
         init_from="",
+        pooling="mean",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"text pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.vocabulary_size = int(vocabulary_size)
         self.num_layers = int(num_layers)
         self.num_heads = int(num_heads)
@@ -82,7 +93,11 @@ class TextEncoder(keras.layers.Layer):
             training=training,
         )
         states = out["sequence_output"]
-        return states[:, 0], states, mask
+        if self.pooling == "cls":
+            return states[:, 0], states, mask
+        weights = ops.cast(mask, states.dtype)[..., None]
+        pooled = ops.sum(states * weights, axis=1) / ops.maximum(ops.sum(weights, axis=1), 1.0)
+        return pooled, states, mask
 
     def compute_output_shape(self, token_ids_shape, padding_mask_shape=None):
         b, length = token_ids_shape
@@ -100,6 +115,7 @@ class TextEncoder(keras.layers.Layer):
                 "max_sequence_length": self.max_sequence_length,
                 "dropout": self.dropout_rate,
                 "init_from": self.init_from,
+                "pooling": self.pooling,
             }
         )
         return config
@@ -116,5 +132,6 @@ def build_text_encoder(model_config, init: bool = True, name: str = "text_encode
         max_sequence_length=model_config.max_length,
         dropout=model_config.dropout,
         init_from=model_config.text_init if init else "",
+        pooling=model_config.text_pooling,
         name=name,
     )

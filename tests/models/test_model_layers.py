@@ -160,12 +160,26 @@ def test_text_encoder_shapes_mask_and_padding_invariance(bert):
     cls, states, out_mask = bert(ids, mask)
     assert cls.shape == (2, 32) and states.shape == (2, 16, 32)
     np.testing.assert_array_equal(out_mask, mask)
-    np.testing.assert_array_equal(cls, np.asarray(states)[:, 0])
-    # Changing the ids under padding does not change any real token's state.
+    # Default pooling: the mean of the real tokens' states (hand-computed).
+    st = np.asarray(states)
+    np.testing.assert_allclose(cls[0], st[0].mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cls[1], st[1, :7].mean(axis=0), rtol=1e-5, atol=1e-6)
+    # Changing the ids under padding does not change any real token's state, nor the pool.
     ids2 = ids.copy()
     ids2[1, 7:] = 3
-    _, states2, _ = bert(ids2, mask)
-    np.testing.assert_allclose(np.asarray(states2)[1, :7], np.asarray(states)[1, :7], atol=1e-5)
+    pooled2, states2, _ = bert(ids2, mask)
+    np.testing.assert_allclose(np.asarray(states2)[1, :7], st[1, :7], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pooled2)[1], np.asarray(cls)[1], atol=1e-5)
+
+
+def test_text_encoder_cls_pooling_and_config_round_trip(bert):
+    cls_bert = TextEncoder.from_config({**bert.get_config(), "pooling": "cls"})
+    assert TextEncoder.from_config(bert.get_config()).pooling == "mean"
+    ids = RNG.integers(1, 64, (2, 16)).astype("int32")
+    cls, states, _ = cls_bert(ids, _mask([16, 7], 16))
+    np.testing.assert_array_equal(cls, np.asarray(states)[:, 0])
+    with pytest.raises(ValueError, match="text pooling must be one of"):
+        TextEncoder(vocabulary_size=64, pooling="max")
 
 
 def test_text_encoder_pooled_head_frozen(bert):
