@@ -116,8 +116,11 @@ def run(
         summary["linear_probe"] = linear_probe.compare_with_random_init(
             trainer.model, trainer.tokenizer, cfg
         )
-    with open(os.path.join(model_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    if "model" in summary:  # the chief: other workers save nothing (their dirs are temporary)
+        path = os.path.join(model_dir, SUMMARY_FILE)
+        with open(path + ".tmp", "w") as f:  # atomic: a reader never sees half a summary
+            json.dump(summary, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
     return summary
 
 
@@ -138,6 +141,11 @@ def _print_summary(summary: dict, model_dir: str) -> None:
         lines.append(
             f"  linear probe AUROC (held-out, frozen image embeddings): trained {probe['trained']['macro_auroc']:.3f}"
             f" vs random init {probe['random_init']['macro_auroc']:.3f}"
+            + (
+                f" (raw pixels {probe['raw_pixels']['macro_auroc']:.3f})"
+                if "raw_pixels" in probe
+                else ""
+            )
         )
     lines.append(f"  summary JSON:      {os.path.join(model_dir, 'summary.json')}")
     print("\n".join(lines), flush=True)

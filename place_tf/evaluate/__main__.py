@@ -31,6 +31,7 @@ TASKS = (
 # Tasks implemented by sibling modules exposing evaluate(model, data_dir, **kw) -> dict.
 EXTERNAL_TASKS = ("segmentation", "detection", "report_generation")
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
+RAW_PIXELS = "raw_pixels"  # --model value: the pixel baseline of `linear`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m place_tf.evaluate", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", required=True, help=".keras file or training run directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f".keras file or training run directory ({RAW_PIXELS!r}: linear on raw pixels)",
+    )
     p.add_argument("--data", required=True, help="corpus directory (manifest.json + shards)")
     p.add_argument("--fraction", type=float, default=None, help="label fraction in (0, 1]")
     p.add_argument("--output", default="", help="JSON path (default results/eval/<task>.json)")
@@ -99,11 +104,34 @@ def _call_external(task: str, model, tokenizer, args) -> tuple[dict, str | None]
     return result, table
 
 
+def _raw_pixel_task(args) -> tuple[dict, str]:
+    """`linear --model=raw_pixels`: the quick linear probe on the pixels themselves."""
+    from place_tf.data import tokenizer as tok_lib
+    from place_tf.evaluate import linear_probe
+
+    if args.task != "linear":
+        raise SystemExit(f"--model={RAW_PIXELS} is a baseline of the linear task only")
+    vocab = args.vocab_file or os.path.join(args.data, "vocab.txt")
+    tokenizer = tok_lib.ReportTokenizer(tok_lib.load_vocabulary(vocab), max_length=16)
+    size = args.image_size or 64
+    r = linear_probe.raw_pixel_probe(args.data, tokenizer, size)
+    table = (
+        f"| feature | image px | macro AUROC | {' | '.join(r['labels'])} |\n"
+        f"|---|---|---|{'---|' * len(r['labels'])}\n"
+        f"| raw pixels | {size} | {r['macro_auroc']:.3f} | "
+        + " | ".join(f"{r['per_label'].get(n, float('nan')):.3f}" for n in r["labels"])
+        + " |"
+    )
+    return r, table
+
+
 def run_task(args) -> tuple[dict, str | None]:
     """Load the model and tokenizer, run the task; (result dict, markdown table)."""
     from place_tf.evaluate import embeddings as emb_lib
 
     _check_fraction(args.fraction)
+    if args.model == RAW_PIXELS:
+        return _raw_pixel_task(args)
     model = emb_lib.load_model(args.model)
     tokenizer = emb_lib.load_tokenizer(model, args.model, args.data, args.vocab_file)
     image_size = args.image_size or None

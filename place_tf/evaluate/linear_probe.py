@@ -628,7 +628,10 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
     """Frozen-feature linear probe of `model` vs a random-init twin (same configs).
 
     cfg: place_tf.trainer.Configs (uses data.corpus_dir, data.image_size, train.seed).
+    Also the same probe on raw pixels ("raw_pixels"), the floor a trained encoder should
+    clear on a corpus that is not trivial.
     Returns {"trained": {"macro_auroc", "per_label", "l2"}, "random_init": {...},
+    "raw_pixels": {...},
     "labels": [...], "skipped_labels": {...}, "feature", "n_train", "n_test"}; values are
     plain floats (NaN where undefined) so the trainer can json.dump them.
     """
@@ -677,7 +680,55 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
     result["skipped_labels"] = r_trained.pop("skipped")
     r_random.pop("skipped")
     result["trained"], result["random_init"] = r_trained, r_random
+    raw = raw_pixel_probe(data_dir, tokenizer, image_size, names)
+    result["raw_pixels"] = {k: raw[k] for k in ("macro_auroc", "per_label", "l2")}
     return result
+
+
+def raw_pixel_features(data_dir: str, tokenizer, image_size: int, batch_size: int = 128) -> dict:
+    """{split: {"x": flattened normalised pixels [N, S*S], "labels"}} of train/validate/test.
+
+    The baseline of "is the corpus trivial?": what a linear probe reads from the pixels
+    alone, at the resolution the encoder sees.
+    """
+    from place_tf.data import pipeline
+
+    out = {}
+    for s in ("train", "validate", "test"):
+        xs, ys = [], []
+        try:
+            ds = pipeline.make_eval_dataset(
+                data_dir, s, tokenizer, batch_size=batch_size, image_size=image_size
+            )
+            for b in ds:
+                xs.append(b["image"].numpy().reshape(int(b["image"].shape[0]), -1))
+                ys.append(b["labels"].numpy().astype(np.float32))
+        except ValueError:
+            if s != "validate":
+                raise
+        if not xs and s != "validate":
+            raise ValueError(f"{data_dir}: split {s!r} has no examples")
+        out[s] = {
+            "x": np.concatenate(xs) if xs else np.zeros((0, image_size * image_size)),
+            "labels": np.concatenate(ys) if ys else np.zeros((0, schema.NUM_CHEXPERT)),
+        }
+    return out
+
+
+def raw_pixel_probe(data_dir: str, tokenizer, image_size: int, names=None) -> dict:
+    """The quick probe (as compare_with_random_init) on raw pixels: {"macro_auroc",
+    "per_label", "l2", "feature": "raw_pixels", "image_size", "labels"}."""
+    feats = raw_pixel_features(data_dir, tokenizer, image_size)
+    if names is None:
+        names = [
+            schema.COMPETITION_LABELS[j]
+            for j, i in enumerate(COMPETITION_IDX)
+            if np.any(feats["train"]["labels"][:, i] == 1)
+        ]
+    r = _quick_probe(feats, names)
+    r.pop("skipped")
+    r.update(feature="raw_pixels", image_size=int(image_size), labels=list(names))
+    return r
 
 
 def random_init_twin_for(model, seed: int):

@@ -419,3 +419,31 @@ def test_compare_with_random_init(model_file, corpus):
     for a, b in zip(before, model.weights[:3], strict=True):
         np.testing.assert_array_equal(a, b.numpy())
     assert not math.isnan(r["trained"]["macro_auroc"])
+
+
+def test_raw_pixel_features_are_the_encoders_input_pixels(model_file, corpus):
+    """The baseline probes exactly what the encoder is fed: normalised, resized pixels."""
+    import keras
+
+    from place_tf.data import tokenizer as tok
+    from place_tf.evaluate import embeddings as emb_lib
+
+    model = keras.saving.load_model(model_file, safe_mode=True)
+    tokenizer = tok.ReportTokenizer(tok.load_vocabulary(os.path.join(corpus, "vocab.txt")), 16)
+    feats = linear_probe.raw_pixel_features(corpus, tokenizer, IMAGE_SIZE, batch_size=7)
+    ref = emb_lib.extract(model, corpus, "test", tokenizer, IMAGE_SIZE, 64, with_images=True)
+    np.testing.assert_array_equal(
+        feats["test"]["x"], ref["image"].reshape(len(ref["image"]), IMAGE_SIZE * IMAGE_SIZE)
+    )
+    np.testing.assert_array_equal(feats["test"]["labels"], ref["labels"])
+    assert feats["train"]["x"].shape[1] == IMAGE_SIZE * IMAGE_SIZE
+
+
+def test_cli_raw_pixel_baseline(corpus, tmp_path):
+    r, table = _cli("linear", "raw_pixels", corpus, str(tmp_path), "--image_size", "32")
+    assert r["feature"] == "raw_pixels" and r["image_size"] == 32
+    assert r["labels"] and set(r["labels"]) <= set(schema.COMPETITION_LABELS)
+    assert _in_unit(r["macro_auroc"]) and r["l2"] in linear_probe.L2_GRID
+    assert "| raw pixels | 32 |" in table
+    with pytest.raises(SystemExit, match="baseline of the linear task only"):
+        _cli("zero_shot", "raw_pixels", corpus, str(tmp_path))
