@@ -21,15 +21,19 @@ def _key(prefix: str, path: str) -> str:
     return f"{prefix}.{path.replace('/', '.')}"
 
 
-def flat_variables(prefix: str, variables, model_name: str = "") -> dict:
+def flat_variables(prefix: str, variables, model_name: str = "", renames=None) -> dict:
     """{checkpoint key: variable} for Keras variables, with unique keys (or an error).
 
     The top-level model's own name is auto-numbered per process ("place_model_1" when a
-    second model was built first), so it is removed from the keys.
+    second model was built first), so it is removed from the keys. Likewise optimizers
+    ("adam_w_1"): `renames` maps a path's first component to a fixed name.
     """
     out: dict = {}
     for v in variables:
         path = v.path
+        head, sep, rest = path.partition("/")
+        if renames and sep and head in renames:
+            path = f"{renames[head]}/{rest}"
         if model_name:
             if path.startswith(model_name + "/"):
                 path = path[len(model_name) + 1 :]
@@ -41,13 +45,27 @@ def flat_variables(prefix: str, variables, model_name: str = "") -> dict:
     return out
 
 
+def optimizer_renames(optimizer) -> dict:
+    """Fixed names for an optimizer (and a LossScaleOptimizer's inner one), whose own
+    names are auto-numbered per process: a checkpoint must restore in a fresh process."""
+    renames = {optimizer.name: "optimizer"}
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        renames[inner.name] = "inner_optimizer"
+    return renames
+
+
 def make_checkpoint(model, optimizer=None, **extras):
     """A tf.train.Checkpoint over the model's (and optimizer's) variables and `extras`."""
     import tensorflow as tf
 
     objects = flat_variables(MODEL_PREFIX, model.weights, model.name)
     if optimizer is not None:
-        objects.update(flat_variables(OPTIMIZER_PREFIX, optimizer.variables, model.name))
+        objects.update(
+            flat_variables(
+                OPTIMIZER_PREFIX, optimizer.variables, model.name, optimizer_renames(optimizer)
+            )
+        )
     clash = set(objects) & set(extras)
     if clash:
         raise ValueError(f"extra checkpoint names clash with variables: {sorted(clash)}")
@@ -70,7 +88,9 @@ def restore_latest_good(manager, checkpoint) -> str | None:
             status.assert_existing_objects_matched()
             status.assert_consumed()
             return path
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
+        # IndexError / RuntimeError: what a truncated index or data file can raise from
+        # the reader instead of an OpError.
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError, RuntimeError) as e:
             logging.warning(
                 "checkpoint %s is unreadable or incomplete (%s); trying an older one",
                 path,

@@ -311,6 +311,7 @@ class Trainer:
                 input_context=input_context,
                 repeat=True,
                 skip_counter=self.skip_counter,
+                frontal_only=d.frontal_only,
             )
             if replay:
                 per_step = max(
@@ -509,11 +510,7 @@ class Trainer:
                 if chief and interactive:
                     progbar.update(
                         step,
-                        [
-                            (k, v)
-                            for k, v in logs_np.items()
-                            if k in _SHOWN
-                        ],
+                        [(k, v) for k, v in logs_np.items() if k in _SHOWN],
                     )
                 if step % t.checkpoint_every == 0:
                     save(step)

@@ -151,12 +151,17 @@ def _file_reader(compression: str):
     """One shard -> (record, is_marker, corrupt) elements, ending with a marker."""
 
     def read(path, size):
+        # A shard deleted mid-run would make ignore_errors() retry its open forever (a
+        # hang at 100 % CPU): read no file then, and the byte accounting below counts the
+        # shard's records as corrupt, which the trainer turns into an error naming it.
+        exists = tf.size(tf.io.matching_files(path)) > 0
+        paths = tf.boolean_mask(tf.reshape(path, [1]), tf.reshape(exists, [1]))
         if compression:
-            recs = tf.data.TFRecordDataset(path, compression_type=compression)
+            recs = tf.data.TFRecordDataset(paths, compression_type=compression)
         else:
             # A damaged record ends this file's stream (the reader moves to the next file);
             # the byte accounting below notices the records that were never read.
-            recs = tf.data.TFRecordDataset(path).ignore_errors()
+            recs = tf.data.TFRecordDataset(paths).ignore_errors()
         recs = recs.map(lambda r: (r, tf.constant(False), tf.constant(0, tf.int64)))
         end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True), size))
 

@@ -59,6 +59,12 @@ STATS_PREFIX = "_convert_stats"
 MISSING_IMAGE = "missing_image"
 TRUNCATED_IMAGE = "truncated_image"
 UNDECODABLE_IMAGE = "undecodable_image"
+TOO_LARGE_IMAGE = "too_large_image"
+# Pixel bound of a stored image, checked from the header before any decoding: the same
+# bound as the training pipeline's (place_tf.data.pipeline.MAX_PIXELS), so nothing is
+# stored that training would skip at every epoch. 64 M pixels = an 8000x8000 radiograph;
+# above that it is a decompression bomb, and decoding it could exhaust memory.
+MAX_IMAGE_PIXELS = 64_000_000
 BAD_DICOM = "bad_dicom"
 MISSING_REPORT = "missing_report"
 NON_UTF8_REPORT = "non_utf8_report"
@@ -288,8 +294,10 @@ def image_format(data: bytes) -> str:
 def decode_check(data: bytes) -> tuple[str, int, int]:
     """(format, height, width) of JPEG/PNG bytes after a full Pillow decode.
 
-    Raises SkipError(truncated_image | undecodable_image). `verify()` checks the PNG
-    chunk CRCs; `load()` decodes every pixel, which is what catches a truncated JPEG.
+    Raises SkipError(truncated_image | undecodable_image | too_large_image). The size is
+    read from the header first: above MAX_IMAGE_PIXELS nothing is decoded (memory stays
+    flat). `verify()` checks the PNG chunk CRCs; `load()` decodes every pixel, which is
+    what catches a truncated JPEG.
     """
     from PIL import Image
 
@@ -297,11 +305,21 @@ def decode_check(data: bytes) -> tuple[str, int, int]:
     if not fmt:
         raise SkipError(UNDECODABLE_IMAGE, "not a JPEG or PNG file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # parses the header only
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise SkipError(
+                    TOO_LARGE_IMAGE,
+                    f"{w}x{h} = {w * h} pixels exceeds MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}",
+                )
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             width, height = im.size
+    except SkipError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own bound, hit in open()
+        raise SkipError(TOO_LARGE_IMAGE, f"{e} (MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS})") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
         reason = TRUNCATED_IMAGE if "truncat" in str(e).lower() else UNDECODABLE_IMAGE
         raise SkipError(reason, f"{type(e).__name__}: {e}") from None
