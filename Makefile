@@ -4,7 +4,7 @@ PLACE_ENV ?= auto
 PYTEST_ARGS ?=
 RUN := tools/run
 
-.PHONY: setup test test-fast lint lock train pipeline compare benchmark bazel-test clean-env
+.PHONY: setup test test-fast lint lock train pipeline compare benchmark bench-vs-pytorch bazel-test clean-env
 
 setup:
 	PLACE_ENV=$(PLACE_ENV) bash tools/setup_env.sh
@@ -36,6 +36,10 @@ compare:
 
 benchmark:
 	$(RUN) python tools/benchmark.py all
+
+# Alternating head-to-head with the eager PyTorch reference (../shared/bench); ~15 min.
+bench-vs-pytorch:
+	tools/bench_vs_pytorch.sh
 
 bazel-test:
 	$(RUN) bash tools/bazel_test.sh

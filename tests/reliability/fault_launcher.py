@@ -1,0 +1,96 @@
+"""`python -m place_tf.train`, with faults injected where the environment asks (tests only).
+
+PLACE_FAULT_PAUSE_AT_STEP=k, PLACE_FAULT_MARKER=path: after training step k (the
+optimizer's step counter), write `path` and wait (up to 10 min) for a signal, so a test can
+SIGKILL / SIGTERM the trainer at a known step instead of racing it.
+PLACE_FAULT_KILL_IN_SAVE=n: SIGKILL this process inside the save of checkpoint n, after
+its data and index files are written and before the `checkpoint` state file names it (the
+moment a crash would leave a complete-looking but unlisted checkpoint).
+PLACE_FAULT_DELETE_AT_STEP=k, PLACE_FAULT_DELETE=path: delete `path` (a training shard)
+right after training step k.
+Without these variables it is exactly `python -m place_tf.train`.
+"""
+
+import os
+import signal
+import sys
+import time
+
+
+def _install_pause(pause_at: int, marker: str) -> None:
+    from place_tf import trainer
+
+    original = trainer.Trainer._make_train_step
+
+    def make_step(self, strategy, model, optimizer, *args, **kwargs):
+        step_fn = original(self, strategy, model, optimizer, *args, **kwargs)
+
+        def step(batch):
+            logs = step_fn(batch)
+            if int(optimizer.iterations.numpy()) == pause_at:
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(marker + ".tmp", marker)
+                deadline = time.time() + 600
+                while self.flag.signum is None and time.time() < deadline:
+                    time.sleep(0.05)  # the trainer's SIGTERM handler sets the flag
+            return logs
+
+        return step
+
+    trainer.Trainer._make_train_step = make_step
+
+
+def _install_delete(at_step: int, path: str) -> None:
+    from place_tf import trainer
+
+    original = trainer.Trainer._make_train_step
+
+    def make_step(self, strategy, model, optimizer, *args, **kwargs):
+        step_fn = original(self, strategy, model, optimizer, *args, **kwargs)
+
+        def step(batch):
+            logs = step_fn(batch)
+            if int(optimizer.iterations.numpy()) == at_step and os.path.exists(path):
+                os.remove(path)
+            return logs
+
+        return step
+
+    trainer.Trainer._make_train_step = make_step
+
+
+def _install_kill_in_save(number: int) -> None:
+    from tensorflow.python.checkpoint import checkpoint_management as cm
+
+    original = cm.update_checkpoint_state_internal
+
+    def update_state(*args, **kwargs):
+        path = kwargs.get("model_checkpoint_path", args[1] if len(args) > 1 else "")
+        if str(path).endswith(f"ckpt-{number}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    cm.update_checkpoint_state_internal = update_state
+
+
+def main() -> int:
+    from absl import app
+
+    from place_tf import train
+
+    if os.environ.get("PLACE_FAULT_PAUSE_AT_STEP"):
+        _install_pause(
+            int(os.environ["PLACE_FAULT_PAUSE_AT_STEP"]), os.environ["PLACE_FAULT_MARKER"]
+        )
+    if os.environ.get("PLACE_FAULT_DELETE_AT_STEP"):
+        _install_delete(
+            int(os.environ["PLACE_FAULT_DELETE_AT_STEP"]), os.environ["PLACE_FAULT_DELETE"]
+        )
+    if os.environ.get("PLACE_FAULT_KILL_IN_SAVE"):
+        _install_kill_in_save(int(os.environ["PLACE_FAULT_KILL_IN_SAVE"]))
+    return app.run(train.main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
