@@ -1,7 +1,8 @@
 """Resource bounds: a decompression bomb (a valid 10000x10000 PNG of ~100 KB) is rejected
 from its header, without decoding, at serving (the SavedModel's max_image_pixels,
 default 50 M pixels) and at conversion (the converter's decode_check), and peak memory
-(resource.getrusage in a fresh process) stays bounded: decoding it would take >= 100 MB
+(VmHWM of a fresh process; not ru_maxrss, which a child starts with its parent's
+high-water mark, ~2.8 GB after the rest of the suite) stays bounded: decoding it would take >= 100 MB
 (8-bit) to 600 MB (the serving decoder's uint16 + float32 copies).
 """
 
@@ -33,14 +34,16 @@ def bombs(tmp_path_factory):
 def test_serving_rejects_a_decompression_bomb_without_decoding(canary_run, bombs):
     code = textwrap.dedent(
         f"""
-        import io, json, resource
+        import io, json
         import numpy as np
         import tensorflow as tf
         import tensorflow_text  # noqa
         from PIL import Image
 
-        def peak_mb():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        def peak_mb():  # VmHWM: this process' own peak (ru_maxrss inherits the parent's)
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
 
         fn = tf.saved_model.load({canary_run["export_dir"]!r}).signatures["serving_default"]
         buf = io.BytesIO()
@@ -66,11 +69,13 @@ def test_serving_rejects_a_decompression_bomb_without_decoding(canary_run, bombs
 
 
 CONVERT_CODE = """
-import json, resource
+import json
 from place_tf.data.convert import beam_skeleton as bs
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM: this process' own peak (ru_maxrss inherits the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 
 data = open({path!r}, "rb").read()
 before = peak_mb()
