@@ -330,13 +330,51 @@ class Trainer:
         return per_epoch * t.epochs
 
     # ---------------------------------------------------------------- run
+    def build_model_and_optimizer(self, strategy, model_cfg, total_steps: int):
+        """(model, optimizer, bad_steps, counters), built inside `strategy`'s scope, the
+        optimizer built before any traced step (keras#23085). Also used by
+        tools/benchmark.py, so the benchmark times exactly what training runs."""
+        import keras
+        import tensorflow as tf
+
+        from place_tf.models.place_model import PLACEModel
+
+        t = self.cfg.train
+        with strategy.scope():
+            model = PLACEModel(model_cfg, self.cfg.objective)
+            dummy = _dummy_batch(model_cfg, model_cfg.max_length)
+            model(dummy, training=False)
+            inner = keras.optimizers.AdamW(
+                learning_rate=warmup_cosine(t.learning_rate, total_steps, t.warmup_steps),
+                weight_decay=t.weight_decay,
+                beta_1=t.beta_1,
+                beta_2=t.beta_2,
+                global_clipnorm=None,
+            )
+            # Norm and bias weights are not decayed (as MGCA/open_clip).
+            inner.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
+            # LossScaleOptimizer skips steps whose gradients are not finite (on every
+            # replica alike) and does dynamic loss scaling for mixed_float16; in fp32/bf16
+            # it keeps a scale of 1 (no growth).
+            dynamic = t.mixed_precision == "mixed_float16"
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                inner,
+                initial_scale=2.0**15 if dynamic else 1.0,
+                dynamic_growth_steps=2000 if dynamic else 2**31 - 1,
+            )
+            optimizer.build(model.trainable_variables)  # before tracing (keras#23085)
+            bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
+            # Loop steps including skipped ones (optimizer.iterations counts applied
+            # steps only) and mixed_float16 loss-scale overflows (not bad steps).
+            counters = _StepCounters()
+        return model, optimizer, bad_steps, counters
+
     def run(self) -> dict:
         import keras
         import tensorflow as tf
 
         from place_tf.data import manifest as manifest_lib
         from place_tf.data import pipeline
-        from place_tf.models.place_model import PLACEModel
 
         c = self.cfg
         t = c.train
@@ -365,33 +403,10 @@ class Trainer:
         self._write_run_info(corpus, model_cfg, replicas, chief)
 
         self.skip_counter = pipeline.SkipCounter()  # host variables, outside the strategy
-        with strategy.scope():
-            model = PLACEModel(model_cfg, c.objective)
-            dummy = _dummy_batch(model_cfg, c.data.max_length)
-            model(dummy, training=False)
-            inner = keras.optimizers.AdamW(
-                learning_rate=warmup_cosine(t.learning_rate, total_steps, t.warmup_steps),
-                weight_decay=t.weight_decay,
-                beta_1=t.beta_1,
-                beta_2=t.beta_2,
-                global_clipnorm=None,
-            )
-            # Norm and bias weights are not decayed (as MGCA/open_clip).
-            inner.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
-            # LossScaleOptimizer skips steps whose gradients are not finite (on every
-            # replica alike) and does dynamic loss scaling for mixed_float16; in fp32/bf16
-            # it keeps a scale of 1 (no growth).
-            dynamic = t.mixed_precision == "mixed_float16"
-            optimizer = keras.optimizers.LossScaleOptimizer(
-                inner,
-                initial_scale=2.0**15 if dynamic else 1.0,
-                dynamic_growth_steps=2000 if dynamic else 2**31 - 1,
-            )
-            optimizer.build(model.trainable_variables)  # before tracing (keras#23085)
-            bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
-            # Loop steps including skipped ones (optimizer.iterations counts applied
-            # steps only) and mixed_float16 loss-scale overflows (not bad steps).
-            counters = _StepCounters()
+        model, optimizer, bad_steps, counters = self.build_model_and_optimizer(
+            strategy, model_cfg, total_steps
+        )
+        inner = optimizer.inner_optimizer
 
         # Checked when the input stream misbehaves (see raise_if_inputs_missing).
         input_files = pipeline.resolve_files(self._train_source(), "train")

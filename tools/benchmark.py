@@ -328,17 +328,14 @@ def random_batch(mc, batch: int, seed: int) -> dict:
 def build_train_step(spec: dict):
     """(step_fn, model, strategy, bad_steps, cfgs) built as `Trainer.run` builds them.
 
-    The step is the trainer's own (`Trainer._make_train_step`). Model and optimizer come
-    from `Trainer.build_model_and_optimizer` when the trainer has that hook, else from a
-    line-for-line mirror of `Trainer.run`'s construction.
+    The step, model and optimizer are the trainer's own (`Trainer._make_train_step`,
+    `Trainer.build_model_and_optimizer`).
     """
     import keras
-    import tensorflow as tf
 
     from place_tf import config as config_lib
     from place_tf import distribute, trainer
     from place_tf.models import objectives
-    from place_tf.models.place_model import PLACEModel
 
     replicas_wanted = int(spec["replicas"])
     mc = model_config(spec["config"]) if isinstance(spec["config"], str) else spec["config"]
@@ -369,36 +366,10 @@ def build_train_step(spec: dict):
     replicas = strategy.num_replicas_in_sync
     if replicas != replicas_wanted:
         raise RuntimeError(f"asked for {replicas_wanted} replicas, the strategy has {replicas}")
-    if hasattr(tr, "build_model_and_optimizer"):  # the hook proposed in the issue-8 report
-        model, optimizer, _, bad_steps, counters = tr.build_model_and_optimizer(
-            strategy, mc, train.max_steps
-        )
-    else:
-        with strategy.scope():
-            model = PLACEModel(mc, cfgs.objective)
-            model(trainer._dummy_batch(mc, mc.max_length), training=False)
-            inner = keras.optimizers.AdamW(
-                learning_rate=trainer.warmup_cosine(
-                    train.learning_rate, train.max_steps, train.warmup_steps
-                ),
-                weight_decay=train.weight_decay,
-                beta_1=train.beta_1,
-                beta_2=train.beta_2,
-                global_clipnorm=None,
-            )
-            inner.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "norm"])
-            dynamic = train.mixed_precision == "mixed_float16"
-            optimizer = keras.optimizers.LossScaleOptimizer(
-                inner,
-                initial_scale=2.0**15 if dynamic else 1.0,
-                dynamic_growth_steps=2000 if dynamic else 2**31 - 1,
-            )
-            optimizer.build(model.trainable_variables)
-            bad_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_steps")
-            # The loop's checkpointed step counters, where this trainer version has them.
-            counters = trainer._StepCounters() if hasattr(trainer, "_StepCounters") else None
-    extra = {"counters": counters} if counters is not None else {}
-    step = tr._make_train_step(strategy, model, optimizer, bad_steps, replicas, **extra)
+    model, optimizer, bad_steps, counters = tr.build_model_and_optimizer(
+        strategy, mc, train.max_steps
+    )
+    step = tr._make_train_step(strategy, model, optimizer, bad_steps, replicas, counters)
     return step, model, strategy, bad_steps, cfgs
 
 
