@@ -36,6 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from place_tf.evaluate.__main__ import TASKS as EVALUATE_TASKS  # noqa: E402
+
 METHODS = ("random_init", "convirt", "mgca", "place", "place_no_pcma", "place_no_cce")
 METHOD_LABELS = {
     "random_init": "Random init",
@@ -45,15 +47,9 @@ METHOD_LABELS = {
     "place_no_pcma": "PLACE w/o PCMA",
     "place_no_cce": "PLACE w/o CCE",
 }
-TASKS = (
-    "linear",
-    "zero_shot",
-    "retrieval",
-    "localization",
-    "segmentation",
-    "detection",
-    "report_generation",
-)
+# Every task of `python -m place_tf.evaluate` (a stdlib-only module) but full fine-tuning,
+# which the comparison leaves out (it measures the frozen pre-trained encoders).
+TASKS = tuple(t for t in EVALUATE_TASKS if t != "finetune")
 
 
 class ConfigError(ValueError):
