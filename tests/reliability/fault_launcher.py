@@ -17,7 +17,8 @@ import sys
 import time
 
 
-def _install_pause(pause_at: int, marker: str) -> None:
+def _after_each_step(hook) -> None:
+    """Wrap the trainer's step so `hook(trainer, applied_steps)` runs after every step."""
     from place_tf import trainer
 
     original = trainer.Trainer._make_train_step
@@ -27,37 +28,33 @@ def _install_pause(pause_at: int, marker: str) -> None:
 
         def step(batch):
             logs = step_fn(batch)
-            if int(optimizer.iterations.numpy()) == pause_at:
-                with open(marker + ".tmp", "w") as f:
-                    f.write(str(os.getpid()))
-                os.replace(marker + ".tmp", marker)
-                deadline = time.time() + 600
-                while self.flag.signum is None and time.time() < deadline:
-                    time.sleep(0.05)  # the trainer's SIGTERM handler sets the flag
+            hook(self, int(optimizer.iterations.numpy()))
             return logs
 
         return step
 
     trainer.Trainer._make_train_step = make_step
+
+
+def _install_pause(pause_at: int, marker: str) -> None:
+    def pause(tr, applied: int) -> None:
+        if applied == pause_at:
+            with open(marker + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(marker + ".tmp", marker)
+            deadline = time.time() + 600
+            while tr.flag.signum is None and time.time() < deadline:
+                time.sleep(0.05)  # the trainer's SIGTERM handler sets the flag
+
+    _after_each_step(pause)
 
 
 def _install_delete(at_step: int, path: str) -> None:
-    from place_tf import trainer
+    def delete(tr, applied: int) -> None:
+        if applied == at_step and os.path.exists(path):
+            os.remove(path)
 
-    original = trainer.Trainer._make_train_step
-
-    def make_step(self, strategy, model, optimizer, *args, **kwargs):
-        step_fn = original(self, strategy, model, optimizer, *args, **kwargs)
-
-        def step(batch):
-            logs = step_fn(batch)
-            if int(optimizer.iterations.numpy()) == at_step and os.path.exists(path):
-                os.remove(path)
-            return logs
-
-        return step
-
-    trainer.Trainer._make_train_step = make_step
+    _after_each_step(delete)
 
 
 def _install_kill_in_save(number: int) -> None:
