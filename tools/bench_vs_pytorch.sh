@@ -49,13 +49,10 @@ echo "[vs_pytorch] PLACE objective (once)" >&2
   --batch 16 --warmup 1 --steps "$STEPS" --threads "$THREADS" --out_dir "$WORK" --name place >&2
 
 python3 - "$WORK" "$OUT_DIR/vs_pytorch.json" "$ROUNDS" <<'EOF'
-import glob, json, os, platform, statistics, sys, time
+import json, os, statistics, sys, time
 work, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch_runs = [json.loads(l) for l in open(os.path.join(work, "torch.jsonl")) if l.strip()]
-ours = []
-for r in range(1, rounds + 1):
-    doc = json.load(open(os.path.join(work, f"ours_r{r}.json")))
-    ours.append(doc)
+ours = [json.load(open(os.path.join(work, f"ours_r{r}.json"))) for r in range(1, rounds + 1)]
 place = json.load(open(os.path.join(work, "place.json")))
 
 def first_ok(doc):
@@ -66,7 +63,7 @@ def first_ok(doc):
 
 ours_res = [first_ok(d) for d in ours]
 place_res = first_ok(place)
-t_med = statistics.median(x["median_s"] if "median_s" in x else x["median_step_s"] for x in torch_runs)
+t_med = statistics.median(x["median_step_s"] for x in torch_runs)
 o_med = statistics.median(x["median_step_s"] for x in ours_res)
 doc = {
     "benchmark": "vs_pytorch",
