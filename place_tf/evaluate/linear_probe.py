@@ -685,32 +685,58 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
     return result
 
 
-def raw_pixel_features(data_dir: str, tokenizer, image_size: int, batch_size: int = 128) -> dict:
-    """{split: {"x": flattened normalised pixels [N, S*S], "labels"}} of train/validate/test.
+RAW_PIXEL_MAX_SIDE = 64  # raw-pixel features: images average-pooled to at most 64x64 ...
+RAW_PIXEL_MAX_EXAMPLES = 20_000  # ... and the first 20k examples of a split (corpus order)
+
+
+def raw_pixel_features(
+    data_dir: str,
+    tokenizer,
+    image_size: int,
+    batch_size: int = 128,
+    max_side: int = RAW_PIXEL_MAX_SIDE,
+    max_examples: int = RAW_PIXEL_MAX_EXAMPLES,
+) -> dict:
+    """{split: {"x": flattened normalised pixels [N, s*s], "labels"}} of train/validate/test.
 
     The baseline of "is the corpus trivial?": what a linear probe reads from the pixels
-    alone, at the resolution the encoder sees.
+    alone, at the resolution the encoder sees. Bounded so the end-of-run probe of a
+    MIMIC-scale run cannot exhaust memory (300k images at 224 px would be 60 GB): images
+    larger than `max_side` are average-pooled by ceil(S / max_side), and at most
+    `max_examples` per split are read (SynthCXR at 64 px is untouched by either bound).
     """
+    import tensorflow as tf
+
     from place_tf.data import pipeline
 
+    factor = -(-image_size // max_side)
+    side = image_size // factor
     out = {}
     for s in ("train", "validate", "test"):
-        xs, ys = [], []
+        xs, ys, n = [], [], 0
         try:
             ds = pipeline.make_eval_dataset(
                 data_dir, s, tokenizer, batch_size=batch_size, image_size=image_size
             )
             for b in ds:
-                xs.append(b["image"].numpy().reshape(int(b["image"].shape[0]), -1))
+                img = b["image"]
+                if factor > 1:
+                    img = tf.nn.avg_pool2d(img, factor, factor, "VALID")
+                xs.append(img.numpy().reshape(int(img.shape[0]), -1))
                 ys.append(b["labels"].numpy().astype(np.float32))
+                n += len(xs[-1])
+                if n >= max_examples:
+                    break
         except ValueError:
             if s != "validate":
                 raise
         if not xs and s != "validate":
             raise ValueError(f"{data_dir}: split {s!r} has no examples")
         out[s] = {
-            "x": np.concatenate(xs) if xs else np.zeros((0, image_size * image_size)),
-            "labels": np.concatenate(ys) if ys else np.zeros((0, schema.NUM_CHEXPERT)),
+            "x": np.concatenate(xs)[:max_examples] if xs else np.zeros((0, side * side)),
+            "labels": np.concatenate(ys)[:max_examples]
+            if ys
+            else np.zeros((0, schema.NUM_CHEXPERT)),
         }
     return out
 

@@ -447,3 +447,20 @@ def test_cli_raw_pixel_baseline(corpus, tmp_path):
     assert "| raw pixels | 32 |" in table
     with pytest.raises(SystemExit, match="baseline of the linear task only"):
         _cli("zero_shot", "raw_pixels", corpus, str(tmp_path))
+
+
+def test_raw_pixel_features_are_bounded(corpus):
+    """Average-pooled above max_side, at most max_examples per split (corpus order)."""
+    from place_tf.data import tokenizer as tok
+
+    tokenizer = tok.ReportTokenizer(tok.load_vocabulary(os.path.join(corpus, "vocab.txt")), 16)
+    full = linear_probe.raw_pixel_features(corpus, tokenizer, IMAGE_SIZE)
+    small = linear_probe.raw_pixel_features(
+        corpus, tokenizer, IMAGE_SIZE, batch_size=4, max_side=16, max_examples=5
+    )
+    img = full["train"]["x"][:5].reshape(5, 16, 2, 16, 2)
+    np.testing.assert_allclose(
+        small["train"]["x"], img.mean(axis=(2, 4)).reshape(5, 256), atol=1e-6
+    )
+    np.testing.assert_array_equal(small["train"]["labels"], full["train"]["labels"][:5])
+    assert len(small["test"]["x"]) == 5 and len(full["test"]["x"]) > 5
