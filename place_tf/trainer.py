@@ -588,12 +588,16 @@ class Trainer:
             return total, logs, grads
 
         if replicas == 1:
-            # One device: forward, losses and backward in one XLA cluster.
-            fused = tf.function(loss_and_grads, jit_compile=t.jit_compile, reduce_retracing=True)
-
-            def replica_step(batch):
-                total, logs, grads = fused(batch)
+            # One device: forward, losses, backward, the non-finite guard and the
+            # optimizer update in one XLA cluster. (Leaving the update outside cost ~10 %
+            # of a ViT-B/16 step on CPU: 155 M parameters' AdamW update in plain TF ops.)
+            def full_step(batch):
+                total, logs, grads = loss_and_grads(batch)
                 return self._apply(total, logs, grads, optimizer, dynamic, variables)
+
+            replica_step = tf.function(
+                full_step, jit_compile=t.jit_compile, reduce_retracing=True
+            )
         elif t.jit_compile and hasattr(model, "forward_features"):
             # Several replicas: the encoders (and per-example losses) run under XLA; the
             # cross-replica gather of the contrastive losses runs outside it (XLA:CPU has
