@@ -644,7 +644,14 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
         for s in ("train", "validate", "test"):
             try:
                 d = emb_lib.extract(
-                    m, data_dir, s, tokenizer, image_size, batch_size, image_outputs=(feature,)
+                    m,
+                    data_dir,
+                    s,
+                    tokenizer,
+                    image_size,
+                    batch_size,
+                    image_outputs=(feature,),
+                    max_examples=PROBE_MAX_EXAMPLES,
                 )
                 out[s] = {"x": d[feature], "labels": d["labels"]}
             except ValueError:
@@ -685,8 +692,10 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
     return result
 
 
-RAW_PIXEL_MAX_SIDE = 64  # raw-pixel features: images average-pooled to at most 64x64 ...
-RAW_PIXEL_MAX_EXAMPLES = 20_000  # ... and the first 20k examples of a split (corpus order)
+RAW_PIXEL_MAX_SIDE = 64  # raw-pixel features: images average-pooled to at most 64x64
+# The end-of-run probes (trained, random init, raw pixels) read at most the first 20k
+# examples of a split (corpus order): enough for a stable AUROC, bounded on MIMIC.
+PROBE_MAX_EXAMPLES = 20_000
 
 
 def raw_pixel_features(
@@ -695,7 +704,7 @@ def raw_pixel_features(
     image_size: int,
     batch_size: int = 128,
     max_side: int = RAW_PIXEL_MAX_SIDE,
-    max_examples: int = RAW_PIXEL_MAX_EXAMPLES,
+    max_examples: int = PROBE_MAX_EXAMPLES,
 ) -> dict:
     """{split: {"x": flattened normalised pixels [N, s*s], "labels"}} of train/validate/test.
 

@@ -260,6 +260,34 @@ def test_ensure_corpus_generates_when_absent(tmp_path):
     assert synthetic.corpus_is_valid(out, 12, 16, 2, num_shards=1)
 
 
+def test_training_regenerates_a_corpus_of_an_older_generator_only(tmp_path):
+    """`place_tf.train` rebuilds a SynthCXR cache made by an older generator version
+    (quickstart after an upgrade), and never touches a corpus it did not generate."""
+    import json
+
+    from place_tf import train
+
+    out = str(tmp_path / "c")
+    synthetic.ensure_corpus(out, 12, 16, seed=2, num_shards=1, workers=1)
+    path = os.path.join(out, "manifest.json")
+    doc = json.load(open(path))
+    doc["generator"]["version"] = synthetic.GENERATOR_VERSION - 1
+    json.dump(doc, open(path, "w"))
+    train.prepare_corpus(out, 12, 16, 2)
+    assert json.load(open(path))["generator"]["version"] == synthetic.GENERATOR_VERSION
+    assert synthetic.corpus_is_valid(out, 12, 16, 2, num_shards=1)
+    # Same stale version, but not asked for a synthetic corpus, or another source: kept.
+    for mutate in ({"source": "mimic"}, {}):
+        doc = json.load(open(path))
+        doc["generator"]["version"] = synthetic.GENERATOR_VERSION - 1
+        doc.update(mutate)
+        if mutate:
+            doc["generator"]["name"] = "converted"
+        json.dump(doc, open(path, "w"))
+        train.prepare_corpus(out, 12 if mutate else 0, 16, 2)
+        assert json.load(open(path))["generator"]["version"] == synthetic.GENERATOR_VERSION - 1
+
+
 def test_generate_corpus_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_images"):
         synthetic.generate_corpus(str(tmp_path), 0)

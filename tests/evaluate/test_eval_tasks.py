@@ -390,7 +390,7 @@ def test_cli_rejects_bad_fraction(model_file, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_with_random_init(model_file, corpus):
+def test_compare_with_random_init(model_file, corpus, monkeypatch):
     import keras
 
     from place_tf.data import tokenizer as tok
@@ -419,6 +419,10 @@ def test_compare_with_random_init(model_file, corpus):
     for a, b in zip(before, model.weights[:3], strict=True):
         np.testing.assert_array_equal(a, b.numpy())
     assert not math.isnan(r["trained"]["macro_auroc"])
+    # Bounded (a MIMIC-scale run's end-of-run probe): at most PROBE_MAX_EXAMPLES per split.
+    monkeypatch.setattr(linear_probe, "PROBE_MAX_EXAMPLES", r["n_test"] - 1)
+    small = linear_probe.compare_with_random_init(model, tokenizer, cfg)
+    assert small["n_train"] == small["n_test"] == r["n_test"] - 1
 
 
 def test_raw_pixel_features_are_the_encoders_input_pixels(model_file, corpus):
