@@ -79,9 +79,7 @@ Or try the built-in synthetic corpus on a CPU in minutes:
 
 
 def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed: int) -> None:
-    from place_tf.data import manifest
-
-    from place_tf.data import synthetic
+    from place_tf.data import manifest, synthetic
 
     if os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME)):
         made_by = manifest.read_manifest(corpus_dir).get("generator") or {}
