@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import signal
@@ -670,16 +669,13 @@ class Trainer:
             overflow = tf.logical_and(overflow, optimizer.dynamic_scale > 1.0)
         else:
             overflow = tf.constant(False)
-        # The LossScaleOptimizer skips the update when any gradient is non-finite, so a
-        # NaN written into the smallest gradient is enough to make it skip for a bad loss
-        # too (a select over all 155 M gradient values cost ~0.5 s per ViT-B/16 CPU step).
-        sizes = [
-            math.prod(v.shape) if g is not None else math.inf
-            for g, v in zip(grads, variables, strict=True)
+        # Every gradient goes through the select (also densifying the token embedding's
+        # IndexedSlices). Poisoning only the smallest gradient instead measured slower
+        # (24.0-24.8 vs 21.2 s per ViT-B/16 CPU step, with or without densifying).
+        grads = [
+            g if g is None else tf.where(all_finite, g, tf.fill(tf.shape(g), float("nan")))
+            for g in grads
         ]
-        i = sizes.index(min(sizes))
-        grads = list(grads)
-        grads[i] = tf.where(all_finite, grads[i], tf.fill(tf.shape(grads[i]), float("nan")))
         optimizer.apply(grads, variables)
 
         out = {"loss": total}
