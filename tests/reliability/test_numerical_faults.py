@@ -50,8 +50,8 @@ def differs(a, b):
     return [k for k in a if not np.array_equal(a[k], b[k])]
 
 
-# With XLA the guard and the optimizer update are compiled into the step with the
-# forward/backward pass (one device): the skip must hold there too.
+# With XLA the loss and gradients come out of a compiled cluster (one device): the skip
+# must hold there too.
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager_ops", "xla"])
 def test_nan_steps_are_skipped_counted_and_stop_the_run(
     tiny_corpus, tmp_path, monkeypatch, global_tf_state, jit_compile
