@@ -81,6 +81,7 @@ Or try the built-in synthetic corpus on a CPU in minutes:
 def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed: int) -> None:
     from place_tf.data import manifest, synthetic
 
+    made_by: dict = {}
     if os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME)):
         made_by = manifest.read_manifest(corpus_dir).get("generator") or {}
         # A SynthCXR corpus from an older generator is a stale cache, not the user's data:
@@ -99,19 +100,17 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
             made_by.get("version"),
             synthetic.GENERATOR_VERSION,
         )
-        synthetic.generate_corpus(
-            corpus_dir,
-            synthetic_images,
-            image_size=image_size,
-            seed=seed,
-            num_shards=int(made_by.get("num_shards", 4)),
-        )
-        return
-    if synthetic_images <= 0:
+    elif synthetic_images <= 0:
         raise SystemExit(MIMIC_HINT.format(corpus=corpus_dir or "<unset>"))
-
-    logging.info("generating SynthCXR (%d images) in %s", synthetic_images, corpus_dir)
-    synthetic.ensure_corpus(corpus_dir, synthetic_images, image_size=image_size, seed=seed)
+    else:
+        logging.info("generating SynthCXR (%d images) in %s", synthetic_images, corpus_dir)
+    synthetic.generate_corpus(
+        corpus_dir,
+        synthetic_images,
+        image_size=image_size,
+        seed=seed,
+        num_shards=int(made_by.get("num_shards", 4)),  # a rebuilt cache keeps its sharding
+    )
 
 
 def run(

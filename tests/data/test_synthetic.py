@@ -286,6 +286,11 @@ def test_training_regenerates_a_corpus_of_an_older_generator_only(tmp_path):
         json.dump(doc, open(path, "w"))
         train.prepare_corpus(out, 12 if mutate else 0, 16, 2)
         assert json.load(open(path))["generator"]["version"] == synthetic.GENERATOR_VERSION - 1
+    # No corpus: generated when asked for (default sharding), else the MIMIC hint.
+    train.prepare_corpus(str(tmp_path / "fresh"), 12, 16, 2)
+    assert synthetic.corpus_is_valid(str(tmp_path / "fresh"), 12, 16, 2, num_shards=4)
+    with pytest.raises(SystemExit, match="No converted corpus"):
+        train.prepare_corpus(str(tmp_path / "none"), 0, 16, 2)
 
 
 def test_generate_corpus_rejects_bad_arguments(tmp_path):
