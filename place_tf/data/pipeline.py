@@ -595,7 +595,8 @@ def make_eval_dataset(
 
     Yields dict(image, labels, class_label, token_ids, padding_mask) and, with
     `with_text`, the raw report strings under "report" (for retrieval / generation
-    metrics; keep them in memory, never log them).
+    metrics; keep them in memory, never log them). With `tokenizer=None` there are no
+    token_ids / padding_mask (image-only consumers, e.g. the raw-pixel baseline).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -616,14 +617,15 @@ def make_eval_dataset(
     ds = ds.batch(batch_size, drop_remainder=False)
 
     def finish(x):
-        token_ids, padding_mask = tokenizer(x["report"])
         out = {
             "image": normalize(x["image"]),
             "labels": x["labels"],
             "class_label": x["class_label"],
-            "token_ids": tf.cast(token_ids, tf.int32),
-            "padding_mask": tf.cast(padding_mask, tf.bool),
         }
+        if tokenizer is not None:
+            token_ids, padding_mask = tokenizer(x["report"])
+            out["token_ids"] = tf.cast(token_ids, tf.int32)
+            out["padding_mask"] = tf.cast(padding_mask, tf.bool)
         if with_text:
             out["report"] = x["report"]
         return out

@@ -106,15 +106,12 @@ def _call_external(task: str, model, tokenizer, args) -> tuple[dict, str | None]
 
 def _raw_pixel_task(args) -> tuple[dict, str]:
     """`linear --model=raw_pixels`: the quick linear probe on the pixels themselves."""
-    from place_tf.data import tokenizer as tok_lib
     from place_tf.evaluate import linear_probe
 
     if args.task != "linear":
         raise SystemExit(f"--model={RAW_PIXELS} is a baseline of the linear task only")
-    vocab = args.vocab_file or os.path.join(args.data, "vocab.txt")
-    tokenizer = tok_lib.ReportTokenizer(tok_lib.load_vocabulary(vocab), max_length=16)
     size = args.image_size or 64
-    r = linear_probe.raw_pixel_probe(args.data, tokenizer, size)
+    r = linear_probe.raw_pixel_probe(args.data, size)
     table = (
         f"| feature | image px | macro AUROC | {' | '.join(r['labels'])} |\n"
         f"|---|---|---|{'---|' * len(r['labels'])}\n"

@@ -687,7 +687,7 @@ def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> di
     result["skipped_labels"] = r_trained.pop("skipped")
     r_random.pop("skipped")
     result["trained"], result["random_init"] = r_trained, r_random
-    raw = raw_pixel_probe(data_dir, tokenizer, image_size, names)
+    raw = raw_pixel_probe(data_dir, image_size, names)
     result["raw_pixels"] = {k: raw[k] for k in ("macro_auroc", "per_label", "l2")}
     return result
 
@@ -700,7 +700,6 @@ PROBE_MAX_EXAMPLES = 20_000
 
 def raw_pixel_features(
     data_dir: str,
-    tokenizer,
     image_size: int,
     batch_size: int = 128,
     max_side: int = RAW_PIXEL_MAX_SIDE,
@@ -725,7 +724,7 @@ def raw_pixel_features(
         xs, ys, n = [], [], 0
         try:
             ds = pipeline.make_eval_dataset(
-                data_dir, s, tokenizer, batch_size=batch_size, image_size=image_size
+                data_dir, s, None, batch_size=batch_size, image_size=image_size
             )
             for b in ds:
                 img = b["image"]
@@ -750,10 +749,10 @@ def raw_pixel_features(
     return out
 
 
-def raw_pixel_probe(data_dir: str, tokenizer, image_size: int, names=None) -> dict:
+def raw_pixel_probe(data_dir: str, image_size: int, names=None) -> dict:
     """The quick probe (as compare_with_random_init) on raw pixels: {"macro_auroc",
     "per_label", "l2", "feature": "raw_pixels", "image_size", "labels"}."""
-    feats = raw_pixel_features(data_dir, tokenizer, image_size)
+    feats = raw_pixel_features(data_dir, image_size)
     if names is None:
         names = [
             schema.COMPETITION_LABELS[j]

@@ -135,6 +135,10 @@ def test_eval_images_are_resized_with_pad_and_normalised(corpus, tok):
     np.testing.assert_allclose(img[:, 3:29], (value / 255.0 - 0.5) / 0.5, atol=1e-5)
     assert [r.decode() for r in b["report"]] == ["finding 40.", "finding 41."]
     np.testing.assert_array_equal(b["class_label"], [40 % 3, 41 % 3])
+    # Without a tokenizer (pixel-only consumers): the same images, no token fields.
+    (c, *_) = P.make_eval_dataset(corpus, "test", None, 2, image_size=SIZE).as_numpy_iterator()
+    assert set(c) == {"image", "labels", "class_label"}
+    np.testing.assert_array_equal(c["image"], b["image"])
 
 
 def test_deterministic_mode_gives_identical_batches_and_augments(corpus, tok):

@@ -434,7 +434,7 @@ def test_raw_pixel_features_are_the_encoders_input_pixels(model_file, corpus):
 
     model = keras.saving.load_model(model_file, safe_mode=True)
     tokenizer = tok.ReportTokenizer(tok.load_vocabulary(os.path.join(corpus, "vocab.txt")), 16)
-    feats = linear_probe.raw_pixel_features(corpus, tokenizer, IMAGE_SIZE, batch_size=7)
+    feats = linear_probe.raw_pixel_features(corpus, IMAGE_SIZE, batch_size=7)
     ref = emb_lib.extract(model, corpus, "test", tokenizer, IMAGE_SIZE, 64, with_images=True)
     np.testing.assert_array_equal(
         feats["test"]["x"], ref["image"].reshape(len(ref["image"]), IMAGE_SIZE * IMAGE_SIZE)
@@ -444,7 +444,13 @@ def test_raw_pixel_features_are_the_encoders_input_pixels(model_file, corpus):
 
 
 def test_cli_raw_pixel_baseline(corpus, tmp_path):
-    r, table = _cli("linear", "raw_pixels", corpus, str(tmp_path), "--image_size", "32")
+    """Pixels only: a corpus without vocab.txt (no tokenizer needed) works the same."""
+    import shutil
+
+    data = str(tmp_path / "no_vocab")
+    shutil.copytree(corpus, data)
+    os.remove(os.path.join(data, "vocab.txt"))
+    r, table = _cli("linear", "raw_pixels", data, str(tmp_path), "--image_size", "32")
     assert r["feature"] == "raw_pixels" and r["image_size"] == 32
     assert r["labels"] and set(r["labels"]) <= set(schema.COMPETITION_LABELS)
     assert _in_unit(r["macro_auroc"]) and r["l2"] in linear_probe.L2_GRID
@@ -455,12 +461,9 @@ def test_cli_raw_pixel_baseline(corpus, tmp_path):
 
 def test_raw_pixel_features_are_bounded(corpus):
     """Average-pooled above max_side, at most max_examples per split (corpus order)."""
-    from place_tf.data import tokenizer as tok
-
-    tokenizer = tok.ReportTokenizer(tok.load_vocabulary(os.path.join(corpus, "vocab.txt")), 16)
-    full = linear_probe.raw_pixel_features(corpus, tokenizer, IMAGE_SIZE)
+    full = linear_probe.raw_pixel_features(corpus, IMAGE_SIZE)
     small = linear_probe.raw_pixel_features(
-        corpus, tokenizer, IMAGE_SIZE, batch_size=4, max_side=16, max_examples=5
+        corpus, IMAGE_SIZE, batch_size=4, max_side=16, max_examples=5
     )
     img = full["train"]["x"][:5].reshape(5, 16, 2, 16, 2)
     np.testing.assert_allclose(
