@@ -115,6 +115,17 @@ def copy_of(cfg):
     return json.loads(json.dumps(cfg))
 
 
+def test_settings_hash_follows_the_synthcxr_generator_version(monkeypatch):
+    """Models and results from an older SynthCXR are not reused after an upgrade."""
+    from place_tf.data import synthetic
+
+    cfg = compare.validate(_raw_config())
+    before = (compare.pretrain_key(cfg), compare.task_key(cfg, "linear"))
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    after = (compare.pretrain_key(cfg), compare.task_key(cfg, "linear"))
+    assert before[0] != after[0] and before[1] != after[1]
+
+
 # ------------------------------------------------------------------ aggregation
 def test_mean_std_hand_computed():
     m, s, n = compare.mean_std([0.70, 0.80, 0.90])

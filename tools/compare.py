@@ -312,7 +312,12 @@ def settings_hash(*parts) -> str:
 
 
 def pretrain_key(cfg: dict) -> str:
-    return settings_hash(cfg["corpus"], cfg["pretrain"])
+    """Keys stored models and results: a new SynthCXR generator version is a new corpus,
+    so results measured on the old one are never reused after an upgrade."""
+    from place_tf.data import synthetic  # numpy and Pillow only, no TensorFlow
+
+    made_by = {"generator": synthetic.GENERATOR_NAME, "version": synthetic.GENERATOR_VERSION}
+    return settings_hash(cfg["corpus"], made_by, cfg["pretrain"])
 
 
 def task_key(cfg: dict, task: str) -> str:
