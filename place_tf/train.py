@@ -3,7 +3,8 @@
 Flags are generated from the typed configs (place_tf.config): every dataclass field is a
 flag of the same name; a name shared by several configs (image_size, max_length,
 deterministic) sets all of them. Extra flags:
-  --synthetic_images=N   if --corpus_dir has no corpus, generate SynthCXR there first
+  --synthetic_images=N   if --corpus_dir has no corpus (or a stale SynthCXR one: another
+                         generator version, size or seed), generate SynthCXR there first
   --export / --noexport  write the TF Serving SavedModel after training
   --probe / --noprobe    linear probe of the frozen image embeddings vs a random encoder
 """
@@ -44,7 +45,9 @@ def define_config_flags() -> None:
 
 define_config_flags()
 flags.DEFINE_integer(
-    "synthetic_images", 0, "generate a SynthCXR corpus of this size in --corpus_dir if absent"
+    "synthetic_images",
+    0,
+    "generate a SynthCXR corpus of this size in --corpus_dir if absent or stale",
 )
 flags.DEFINE_integer("synthetic_seed", 0, "seed of the generated SynthCXR corpus")
 flags.DEFINE_bool("export", True, "export the TF Serving SavedModel after training")
@@ -79,26 +82,37 @@ Or try the built-in synthetic corpus on a CPU in minutes:
 
 
 def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed: int) -> None:
+    """Generate SynthCXR into corpus_dir when asked for (synthetic_images > 0) and it is
+    missing or a stale SynthCXR cache; rendered at max(image_size, STORED_IMAGE_SIZE)."""
     from place_tf.data import manifest, synthetic
 
+    render_size = max(image_size, synthetic.STORED_IMAGE_SIZE)
     made_by: dict = {}
     if os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME)):
         made_by = manifest.read_manifest(corpus_dir).get("generator") or {}
-        # A SynthCXR corpus from an older generator is a stale cache, not the user's data:
-        # rebuild it, or every quickstart after an upgrade would measure the old corpus.
+        # A SynthCXR corpus made by another generator version, or with another number of
+        # images, seed or render size than asked for, is a stale cache, not the user's
+        # data: rebuild it, or a quickstart after an upgrade (or a changed
+        # --synthetic_images) would silently measure the old corpus.
+        wanted = {
+            "version": synthetic.GENERATOR_VERSION,
+            "num_images": synthetic_images,
+            "seed": seed,
+            "image_size": render_size,
+        }
         stale = (
             synthetic_images > 0
             and made_by.get("name") == synthetic.GENERATOR_NAME
-            and made_by.get("version") != synthetic.GENERATOR_VERSION
+            and any(made_by.get(k) != v for k, v in wanted.items())
         )
         if not stale:
             return
         logging.warning(
-            "%s was made by %s version %s; regenerating it with version %s",
+            "%s was made by %s with %s; regenerating it with %s",
             corpus_dir,
             synthetic.GENERATOR_NAME,
-            made_by.get("version"),
-            synthetic.GENERATOR_VERSION,
+            {k: made_by.get(k) for k in wanted},
+            wanted,
         )
     elif synthetic_images <= 0:
         raise SystemExit(MIMIC_HINT.format(corpus=corpus_dir or "<unset>"))
@@ -107,7 +121,7 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
     synthetic.generate_corpus(
         corpus_dir,
         synthetic_images,
-        image_size=image_size,
+        image_size=render_size,
         seed=seed,
         num_shards=int(made_by.get("num_shards", 4)),  # a rebuilt cache keeps its sharding
     )

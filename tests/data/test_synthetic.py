@@ -274,22 +274,40 @@ def test_ensure_corpus_generates_when_absent(tmp_path):
     assert synthetic.corpus_is_valid(out, 12, 16, 2, num_shards=1)
 
 
-def test_training_regenerates_a_corpus_of_an_older_generator_only(tmp_path):
+def test_training_regenerates_a_stale_synthcxr_cache_only(tmp_path):
     """`place_tf.train` rebuilds a SynthCXR cache made by an older generator version
-    (quickstart after an upgrade), and never touches a corpus it did not generate."""
+    (quickstart after an upgrade) or with another size / seed / render size than asked
+    for, and never touches a corpus it did not generate. It renders at 224 px (the
+    pipeline resizes), whatever smaller size the model trains at."""
     import json
 
     from place_tf import train
 
+    stored = synthetic.STORED_IMAGE_SIZE
     out = str(tmp_path / "c")
-    synthetic.ensure_corpus(out, 12, 16, seed=2, num_shards=1, workers=1)
+    synthetic.ensure_corpus(out, 12, stored, seed=2, num_shards=1, workers=1)
     path = os.path.join(out, "manifest.json")
     doc = json.load(open(path))
     doc["generator"]["version"] = synthetic.GENERATOR_VERSION - 1
     json.dump(doc, open(path, "w"))
     train.prepare_corpus(out, 12, 16, 2)
     assert json.load(open(path))["generator"]["version"] == synthetic.GENERATOR_VERSION
-    assert synthetic.corpus_is_valid(out, 12, 16, 2, num_shards=1)
+    assert synthetic.corpus_is_valid(out, 12, stored, 2, num_shards=1)
+    # Another size or seed than the flags ask for: rebuilt too; the same: reused as is.
+    train.prepare_corpus(out, 14, 16, 2)
+    assert synthetic.corpus_is_valid(out, 14, stored, 2, num_shards=1)
+    train.prepare_corpus(out, 14, 16, 3)
+    assert synthetic.corpus_is_valid(out, 14, stored, 3, num_shards=1)
+    before = os.stat(path).st_mtime_ns
+    train.prepare_corpus(out, 14, 64, 3)
+    assert os.stat(path).st_mtime_ns == before
+    # Rendered at 64 px (a cache from before the render size was fixed): rebuilt at 224;
+    # a model larger than 224 px gets a corpus rendered at its own size.
+    synthetic.generate_corpus(out, 14, 64, seed=3, num_shards=1, workers=1)
+    train.prepare_corpus(out, 14, 64, 3)
+    assert synthetic.corpus_is_valid(out, 14, stored, 3, num_shards=1)
+    train.prepare_corpus(out, 14, stored + 32, 3)
+    assert synthetic.corpus_is_valid(out, 14, stored + 32, 3, num_shards=1)
     # Same stale version, but not asked for a synthetic corpus, or another source: kept.
     for mutate in ({"source": "mimic"}, {}):
         doc = json.load(open(path))
@@ -298,11 +316,11 @@ def test_training_regenerates_a_corpus_of_an_older_generator_only(tmp_path):
         if mutate:
             doc["generator"]["name"] = "converted"
         json.dump(doc, open(path, "w"))
-        train.prepare_corpus(out, 12 if mutate else 0, 16, 2)
+        train.prepare_corpus(out, 14 if mutate else 0, 16, 3)
         assert json.load(open(path))["generator"]["version"] == synthetic.GENERATOR_VERSION - 1
     # No corpus: generated when asked for (default sharding), else the MIMIC hint.
     train.prepare_corpus(str(tmp_path / "fresh"), 12, 16, 2)
-    assert synthetic.corpus_is_valid(str(tmp_path / "fresh"), 12, 16, 2, num_shards=4)
+    assert synthetic.corpus_is_valid(str(tmp_path / "fresh"), 12, stored, 2, num_shards=4)
     with pytest.raises(SystemExit, match="No converted corpus"):
         train.prepare_corpus(str(tmp_path / "none"), 0, 16, 2)
 
