@@ -96,6 +96,28 @@ def score_model(
     }
 
 
+def blessing_reasons(
+    cand: dict,
+    base: dict | None,
+    min_probe_auroc: float,
+    min_retrieval_p_at_5: float,
+    max_regression: float,
+) -> list[str]:
+    """Why the candidate is not blessed ([] = blessed): below an absolute threshold, or
+    worse than the latest blessed baseline by more than max_regression. NaN fails."""
+    reasons = []
+    if not cand["probe_auroc"] >= min_probe_auroc:
+        reasons.append(f"probe AUROC {cand['probe_auroc']:.3f} < {min_probe_auroc}")
+    if not cand["retrieval_p_at_5"] >= min_retrieval_p_at_5:
+        reasons.append(f"retrieval P@5 {cand['retrieval_p_at_5']:.3f} < {min_retrieval_p_at_5}")
+    if base is not None and not cand["probe_auroc"] >= base["probe_auroc"] - max_regression:
+        reasons.append(
+            f"probe AUROC {cand['probe_auroc']:.3f} is below the blessed baseline's "
+            f"{base['probe_auroc']:.3f} by more than {max_regression}"
+        )
+    return reasons
+
+
 @component
 def PlaceEvaluator(  # noqa: N802 - TFX component naming
     model: InputArtifact[standard_artifacts.Model],
@@ -117,19 +139,11 @@ def PlaceEvaluator(  # noqa: N802 - TFX component naming
             "max_regression": max_regression,
         },
     }
-    reasons = []
-    if not cand["probe_auroc"] >= min_probe_auroc:
-        reasons.append(f"probe AUROC {cand['probe_auroc']:.3f} < {min_probe_auroc}")
-    if not cand["retrieval_p_at_5"] >= min_retrieval_p_at_5:
-        reasons.append(f"retrieval P@5 {cand['retrieval_p_at_5']:.3f} < {min_retrieval_p_at_5}")
     if baseline_model is not None and baseline_model.uri != model.uri:
-        base = score_model(os.path.join(baseline_model.uri, SERVING_SUBDIR), examples.uri)
-        result["baseline"] = base
-        if cand["probe_auroc"] < base["probe_auroc"] - max_regression:
-            reasons.append(
-                f"probe AUROC {cand['probe_auroc']:.3f} is below the blessed baseline's "
-                f"{base['probe_auroc']:.3f} by more than {max_regression}"
-            )
+        result["baseline"] = score_model(
+            os.path.join(baseline_model.uri, SERVING_SUBDIR), examples.uri
+        )
+    reasons = blessing_reasons(cand, result["baseline"], **result["thresholds"])
     blessed = not reasons
     result["blessed"], result["reasons"] = blessed, reasons
     with open(os.path.join(evaluation.uri, "evaluation.json"), "w") as f:

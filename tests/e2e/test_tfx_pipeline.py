@@ -76,6 +76,10 @@ def _pipeline_env(tmp_path, data_root):
         PLACE_EVAL_STEPS="1",
         PLACE_TRAINING_JSON=json.dumps(TINY_TRAINING),
         PLACE_BEAM_IN_MEMORY="1",
+        # 4 steps on 120 images learn nothing: the probe AUROC on the ~12 test images is
+        # chance, above or below 0.5 by luck. This test is about the pipeline's mechanics
+        # (blessing recorded, model pushed); test_blessing_reasons covers the thresholds.
+        PLACE_MIN_PROBE_AUROC="0.0",
         PYTHONPATH=REPO,
     )
     os.makedirs(env["HOME"], exist_ok=True)
@@ -150,6 +154,24 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
     emb = out["image_embedding"].numpy()
     assert emb.shape == (2, TINY_TRAINING["embed_dim"])
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_blessing_reasons():
+    """The evaluator's decision: absolute thresholds, regression against the baseline, NaN."""
+    sys.path.insert(0, REPO)
+    from pipelines.components.place_evaluator import blessing_reasons
+
+    th = {"min_probe_auroc": 0.6, "min_retrieval_p_at_5": 0.2, "max_regression": 0.02}
+    good = {"probe_auroc": 0.7, "retrieval_p_at_5": 0.3}
+    assert blessing_reasons(good, None, **th) == []
+    assert blessing_reasons(good, {"probe_auroc": 0.715}, **th) == []  # within tolerance
+    (r,) = blessing_reasons(good, {"probe_auroc": 0.73}, **th)
+    assert "below the blessed baseline's 0.730 by more than 0.02" in r
+    r = blessing_reasons({"probe_auroc": 0.55, "retrieval_p_at_5": 0.1}, None, **th)
+    assert r == ["probe AUROC 0.550 < 0.6", "retrieval P@5 0.100 < 0.2"]
+    nan = {"probe_auroc": float("nan"), "retrieval_p_at_5": 0.3}
+    assert len(blessing_reasons(nan, {"probe_auroc": 0.7}, **th)) == 2  # NaN never blessed
+    assert blessing_reasons(nan, None, **{**th, "min_probe_auroc": 0.0}) != []
 
 
 def _corrupt_corpus(src, dst):
