@@ -87,26 +87,19 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
     from place_tf.data import manifest, synthetic
 
     render_size = max(image_size, synthetic.STORED_IMAGE_SIZE)
-    made_by: dict = {}
-    if os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME)):
-        made_by = manifest.read_manifest(corpus_dir).get("generator") or {}
-        # A SynthCXR corpus made by another generator version, or with another number of
-        # images, seed or render size than asked for, is a stale cache, not the user's
-        # data: rebuild it, or a quickstart after an upgrade (or a changed
+    exists = os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME))
+    made_by = (manifest.read_manifest(corpus_dir).get("generator") or {}) if exists else {}
+    shards = int(made_by.get("num_shards", 4))  # a rebuilt cache keeps its sharding
+    if exists:
+        # A SynthCXR corpus that is not the one asked for (another generator version,
+        # number of images, seed or render size, or shards missing) is a stale cache, not
+        # the user's data: rebuild it, or a quickstart after an upgrade (or a changed
         # --synthetic_images) would silently measure the old corpus.
-        wanted = {
-            "version": synthetic.GENERATOR_VERSION,
-            "num_images": synthetic_images,
-            "seed": seed,
-            "image_size": render_size,
-        }
-        stale = (
-            synthetic_images > 0
-            and made_by.get("name") == synthetic.GENERATOR_NAME
-            and any(made_by.get(k) != v for k, v in wanted.items())
-        )
-        if not stale:
+        if synthetic_images <= 0 or made_by.get("name") != synthetic.GENERATOR_NAME:
             return
+        if synthetic.corpus_is_valid(corpus_dir, synthetic_images, render_size, seed, shards):
+            return
+        wanted = synthetic.generator_params(synthetic_images, render_size, seed, shards)
         logging.warning(
             "%s was made by %s with %s; regenerating it with %s",
             corpus_dir,
@@ -123,7 +116,7 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
         synthetic_images,
         image_size=render_size,
         seed=seed,
-        num_shards=int(made_by.get("num_shards", 4)),  # a rebuilt cache keeps its sharding
+        num_shards=shards,
     )
 
 

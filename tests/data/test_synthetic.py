@@ -301,6 +301,10 @@ def test_training_regenerates_a_stale_synthcxr_cache_only(tmp_path):
     before = os.stat(path).st_mtime_ns
     train.prepare_corpus(out, 14, 64, 3)
     assert os.stat(path).st_mtime_ns == before
+    # The same parameters but a shard gone (an interrupted copy): rebuilt.
+    os.remove(os.path.join(out, json.load(open(path))["splits"]["train"]["shards"][0]))
+    train.prepare_corpus(out, 14, 64, 3)
+    assert synthetic.corpus_is_valid(out, 14, stored, 3, num_shards=1)
     # Rendered at 64 px (a cache from before the render size was fixed): rebuilt at 224;
     # a model larger than 224 px gets a corpus rendered at its own size.
     synthetic.generate_corpus(out, 14, 64, seed=3, num_shards=1, workers=1)
