@@ -11,6 +11,7 @@ setup:
 
 lint:
 	$(RUN) ruff check .
+	$(RUN) ruff format --check .
 
 test: lint
 	$(RUN) python -m pytest tests $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from place_tf import flops
-from place_tf.config import ModelConfig
+from place_tf.config import tiny_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -20,7 +20,7 @@ _spec = importlib.util.spec_from_file_location(
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-TINY = ModelConfig(**bench.TINY)
+TINY = tiny_model_config()
 
 
 # ------------------------------------------------------------------ FLOP formulas

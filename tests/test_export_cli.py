@@ -16,7 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from place_tf import export
-from place_tf.config import ModelConfig
+from place_tf.config import tiny_model_config
 from place_tf.models.objectives import objective_config
 from place_tf.models.place_model import PLACEModel
 
@@ -24,12 +24,7 @@ pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 32
-TINY = ModelConfig(
-    image_size=S, patch_size=8, vit_layers=1, vit_heads=2, vit_width=32, vit_mlp=64,
-    text_layers=1, text_heads=2, text_width=32, text_mlp=64, vocab_size=64, max_length=16,
-    embed_dim=16, num_queries=4, query_layers=1, query_heads=2, query_width=32,
-    cce_decoder_layers=1, cce_decoder_width=32, num_prototypes=8,
-)  # fmt: skip
+TINY = tiny_model_config(image_size=S)
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "acute", "pleural", "effusion"]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
 # saved_model_cli does not import tensorflow_text (the tokenizer's ops): run its main with

@@ -54,29 +54,6 @@ DEFAULT_OUT = os.path.join(REPO, "results", "bench")
 QUICKSTART_FLAGS = os.path.join(REPO, "configs", "quickstart.flags")
 RESULT_PREFIX = "RESULT "
 
-# The tiny model of the project's tests (contract (d)).
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vit_layers=1,
-    vit_heads=2,
-    vit_width=32,
-    vit_mlp=64,
-    text_layers=1,
-    text_heads=2,
-    text_width=32,
-    text_mlp=64,
-    vocab_size=64,
-    max_length=16,
-    embed_dim=16,
-    num_queries=4,
-    query_layers=1,
-    query_heads=2,
-    query_width=32,
-    cce_decoder_layers=1,
-    cce_decoder_width=32,
-    num_prototypes=8,
-)
 
 # Measured by ../shared/bench (README) on a 2-core AVX2 machine of this kind: fp32, batch 16,
 # 2 threads; the same dual encoder in eager PyTorch and naive Keras. PyTorch cannot be
@@ -283,10 +260,10 @@ def _typed(cls, values: dict[str, str]) -> dict:
 def model_config(name: str):
     """ModelConfig of a named benchmark config: tiny | quickstart | small | full."""
     from place_tf import flops
-    from place_tf.config import ModelConfig
+    from place_tf.config import ModelConfig, tiny_model_config
 
     if name == "tiny":
-        return ModelConfig(**TINY)
+        return tiny_model_config()
     if name == "quickstart":
         values = read_flagfile(QUICKSTART_FLAGS)
         mc = ModelConfig(**_typed(ModelConfig, values))

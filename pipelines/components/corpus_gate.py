@@ -9,7 +9,6 @@ schema has anomalies, or the fraction of bad examples exceeds `max_bad_fraction`
 never report text or ids.
 """
 
-
 import json
 import os
 from collections import Counter

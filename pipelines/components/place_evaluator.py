@@ -12,7 +12,6 @@ The ModelBlessing carries `blessed`, `current_model` and `current_model_id`, whi
 and LatestBlessedModelStrategy read.
 """
 
-
 import json
 import os
 

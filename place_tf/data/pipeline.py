@@ -416,9 +416,7 @@ def _examples(
         )
         # A data dependency (a control dependency did not stop parse_single_example, whose
         # kernel logs the whole malformed record, report text included, at WARNING).
-        r = tf.strings.join(
-            [r, tf.strings.substr(tf.as_string(tf.reduce_sum(inner.sizes)), 0, 0)]
-        )
+        r = tf.strings.join([r, tf.strings.substr(tf.as_string(tf.reduce_sum(inner.sizes)), 0, 0)])
         ex = tf.io.parse_single_example(r, spec)  # end markers carry b"" = an empty Example
         ex["marker"] = is_end
         ex["corrupt"] = corrupt

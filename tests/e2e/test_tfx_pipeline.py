@@ -16,28 +16,12 @@ import sys
 import numpy as np
 import pytest
 
+from place_tf.config import TINY_MODEL_FIELDS
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_TRAINING = {
     "objective": "place",
-    "image_size": 32,
-    "max_length": 16,
-    "patch_size": 8,
-    "vit_layers": 1,
-    "vit_heads": 2,
-    "vit_width": 32,
-    "vit_mlp": 64,
-    "text_layers": 1,
-    "text_heads": 2,
-    "text_width": 32,
-    "text_mlp": 64,
-    "embed_dim": 16,
-    "num_queries": 4,
-    "query_layers": 1,
-    "query_heads": 2,
-    "query_width": 32,
-    "cce_decoder_layers": 1,
-    "cce_decoder_width": 32,
-    "num_prototypes": 8,
+    **TINY_MODEL_FIELDS,
     "per_replica_batch": 8,
     "learning_rate": 1e-3,
     "warmup_steps": 1,
@@ -121,8 +105,17 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
     assert any("CorpusGate" in n for n in ran) and any("PlaceEvaluator" in n for n in ran)
 
     # Artifacts of every kind, and the lineage Examples -> Trainer -> Model -> Pusher.
-    for t in ("Examples", "ExampleStatistics", "Schema", "ExampleAnomalies", "Model",
-              "ModelBlessing", "ModelEvaluation", "PushedModel", "place.CorpusReport"):
+    for t in (
+        "Examples",
+        "ExampleStatistics",
+        "Schema",
+        "ExampleAnomalies",
+        "Model",
+        "ModelBlessing",
+        "ModelEvaluation",
+        "PushedModel",
+        "place.CorpusReport",
+    ):
         assert store.get_artifacts_by_type(t), t
     model = store.get_artifacts_by_type("Model")[0]
     events = store.get_events_by_artifact_ids([model.id])
@@ -131,7 +124,8 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
         e.artifact_id for e in store.get_events_by_execution_ids([producer]) if e.type == e.INPUT
     ]
     input_types = {
-        store.get_artifact_types_by_id([a.type_id])[0].name for a in store.get_artifacts_by_id(inputs)
+        store.get_artifact_types_by_id([a.type_id])[0].name
+        for a in store.get_artifacts_by_id(inputs)
     }
     assert "Examples" in input_types
     blessing = store.get_artifacts_by_type("ModelBlessing")[0]

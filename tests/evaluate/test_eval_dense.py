@@ -395,32 +395,9 @@ def test_beam_search_with_one_beam_equals_greedy_and_ends_in_padding():
 
 # ------------------------------------------------------------------ end to end (slow)
 def _tiny_model_config(vocab_size, **kw):
-    from place_tf.config import ModelConfig
+    from place_tf.config import tiny_model_config
 
-    base = dict(
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        vit_layers=1,
-        vit_heads=2,
-        vit_width=32,
-        vit_mlp=64,
-        text_layers=1,
-        text_heads=2,
-        text_width=32,
-        text_mlp=64,
-        vocab_size=vocab_size,
-        max_length=16,
-        embed_dim=16,
-        num_queries=4,
-        query_layers=1,
-        query_heads=2,
-        query_width=32,
-        cce_decoder_layers=1,
-        cce_decoder_width=32,
-        num_prototypes=8,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return tiny_model_config(vocab_size, image_size=IMAGE_SIZE, **kw)
 
 
 @pytest.fixture(scope="module")

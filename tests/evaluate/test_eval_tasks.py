@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from place_tf import config as config_lib
 from place_tf.config import DataConfig, ModelConfig, ObjectiveConfig, TrainConfig
 from place_tf.data import schema
 from place_tf.evaluate import linear_probe, retrieval
@@ -19,28 +20,7 @@ IMAGE_SIZE = 32
 
 
 def tiny_model_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        vit_layers=1,
-        vit_heads=2,
-        vit_width=32,
-        vit_mlp=64,
-        text_layers=1,
-        text_heads=2,
-        text_width=32,
-        text_mlp=64,
-        vocab_size=vocab_size,
-        max_length=16,
-        embed_dim=16,
-        num_queries=4,
-        query_layers=1,
-        query_heads=2,
-        query_width=32,
-        cce_decoder_layers=1,
-        cce_decoder_width=32,
-        num_prototypes=8,
-    )
+    return config_lib.tiny_model_config(vocab_size, image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from place_tf.config import ModelConfig, ObjectiveConfig
+from place_tf.config import ObjectiveConfig, tiny_model_config
 from place_tf.models.objectives import (
     OBJECTIVE_TERMS,
     OBJECTIVES,
@@ -19,32 +19,9 @@ from place_tf.models.objectives import (
 )
 from place_tf.models.place_model import PLACEModel, num_visible_patches
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vit_layers=1,
-    vit_heads=2,
-    vit_width=32,
-    vit_mlp=64,
-    text_layers=1,
-    text_heads=2,
-    text_width=32,
-    text_mlp=64,
-    vocab_size=64,
-    max_length=16,
-    embed_dim=16,
-    num_queries=4,
-    query_layers=1,
-    query_heads=2,
-    query_width=32,
-    cce_decoder_layers=1,
-    cce_decoder_width=32,
-    num_prototypes=8,
-)
-
 
 def tiny(**overrides):
-    return ModelConfig(**{**TINY, **overrides})
+    return tiny_model_config(**overrides)
 
 
 def make_batch(b=4, size=32, length=16, seed=0):

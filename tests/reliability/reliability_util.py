@@ -14,32 +14,13 @@ import time
 
 import numpy as np
 
+from place_tf.config import TINY_MODEL_FIELDS
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_launcher.py")
 
 # The smallest PLACE model the code accepts (as /tmp/tiny.flags in the issue).
-TINY_FLAGS = [
-    "--image_size=32",
-    "--max_length=16",
-    "--patch_size=8",
-    "--vit_layers=1",
-    "--vit_heads=2",
-    "--vit_width=32",
-    "--vit_mlp=64",
-    "--text_layers=1",
-    "--text_heads=2",
-    "--text_width=32",
-    "--text_mlp=64",
-    "--embed_dim=16",
-    "--num_queries=4",
-    "--query_layers=1",
-    "--query_heads=2",
-    "--query_width=32",
-    "--cce_decoder_layers=1",
-    "--cce_decoder_width=32",
-    "--num_prototypes=8",
-    "--per_replica_batch=8",
-]
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY_MODEL_FIELDS.items()] + ["--per_replica_batch=8"]
 TINY_SETTINGS = {f[2:].split("=")[0]: f.split("=")[1] for f in TINY_FLAGS}
 # Canaries: strings that exist only in the canary corpus's reports and ids. Punctuation
 # makes each full string impossible as one WordPiece token (a learned vocabulary may hold
