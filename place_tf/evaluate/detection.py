@@ -37,6 +37,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from place_tf.data import schema
+from place_tf.evaluate import head_training as ht
 from place_tf.evaluate import metrics
 from place_tf.evaluate import task_data as td
 
@@ -389,26 +390,20 @@ def evaluate(
     )
     test = eval_data(split)
 
-    head_vars = head.trainable_variables
-    enc_vars = feats.trainable_variables()
-    opt = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    opt.build(head_vars)
-    enc_opt = None
-    if enc_vars:
-        enc_opt = keras.optimizers.AdamW(encoder_learning_rate, weight_decay=weight_decay)
-        enc_opt.build(enc_vars)
+    opt = ht.HeadOptimizer(
+        head.trainable_variables,
+        feats.trainable_variables(),
+        learning_rate,
+        encoder_learning_rate,
+        weight_decay,
+    )
 
     @tf.function(input_signature=[spec, target_spec], autograph=False)
     def train_step(images, targets):
         with tf.GradientTape() as tape:
             g, _ = feats(images, training=True)
             loss, parts = detection_loss(targets, head(g, training=True))
-        grads = tape.gradient(loss, head_vars + enc_vars)
-        opt.apply(grads[: len(head_vars)], head_vars)
-        if enc_opt is not None:
-            pairs = [(gr, v) for gr, v in zip(grads[len(head_vars) :], enc_vars, strict=True)]
-            pairs = [(gr, v) for gr, v in pairs if gr is not None]
-            enc_opt.apply([p[0] for p in pairs], [p[1] for p in pairs])
+        opt.apply(tape.gradient(loss, opt.variables))
         return loss, parts
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -435,28 +430,26 @@ def evaluate(
         out["num_boxes"] = int(sum(len(g["classes"]) for g in gts))
         return out
 
-    tracked = head.weights + (feats.encoder_weights() if enc_vars else [])
-    best, best_val, history = None, -1.0, []
+    def train_epoch():
+        sums: dict[str, float] = {}
+        n = 0
+        for images, targets in train:
+            loss, parts = train_step(images, targets)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    tracked = head.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
-        for epoch in range(int(epochs)):
-            parts_sum: dict[str, float] = {}
-            n = 0
-            for images, targets in train:
-                loss, parts = train_step(images, targets)
-                parts_sum["loss"] = parts_sum.get("loss", 0.0) + float(loss)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-                n += 1
-            entry = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in parts_sum.items()}}
-            if val is not None:
-                v = score(val)["map"]
-                entry["val_map"] = v
-                if not math.isnan(v) and v > best_val:
-                    best_val, best = v, td.snapshot_weights(tracked)
-            history.append(entry)
-            log.info("detection epoch %d: %s", epoch + 1, entry)
-        if best is not None:
-            td.assign_weights(tracked, best)
+        history, best_val = ht.fit_selecting_on_validation(
+            "detection",
+            epochs,
+            train_epoch,
+            (lambda: score(val)["map"]) if val is not None else None,
+            tracked,
+            "val_map",
+        )
         res = score(test)
     finally:
         feats.restore()
@@ -478,7 +471,7 @@ def evaluate(
         "image_size": int(image_size),
         "epochs": int(epochs),
         "final_loss": history[-1]["loss"] if history else float("nan"),
-        "best_val_map": best_val if best is not None else float("nan"),
+        "best_val_map": best_val,
         "history": history,
         "seconds": round(time.time() - t0, 1),
     }

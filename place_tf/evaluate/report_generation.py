@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from place_tf.evaluate import head_training as ht
 from place_tf.evaluate import task_data as td
 
 log = logging.getLogger(__name__)
@@ -327,14 +328,13 @@ def evaluate(
         name="report_decoder",
     )
     decoder.build()
-    dec_vars = decoder.trainable_variables
-    enc_vars = feats.trainable_variables()
-    opt = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    opt.build(dec_vars)
-    enc_opt = None
-    if enc_vars:
-        enc_opt = keras.optimizers.AdamW(encoder_learning_rate, weight_decay=weight_decay)
-        enc_opt.build(enc_vars)
+    opt = ht.HeadOptimizer(
+        decoder.trainable_variables,
+        feats.trainable_variables(),
+        learning_rate,
+        encoder_learning_rate,
+        weight_decay,
+    )
 
     spec = feats.image_spec(image_size)
     ids_spec = tf.TensorSpec([None, max_length], tf.int32)
@@ -345,12 +345,7 @@ def evaluate(
         with tf.GradientTape() as tape:
             memory = decoder.encode_memory(feats.tokens(images, training=True), training=True)
             loss = teacher_forcing_loss(decoder, token_ids, padding_mask, memory, training=True)
-        grads = tape.gradient(loss, dec_vars + enc_vars)
-        opt.apply(grads[: len(dec_vars)], dec_vars)
-        if enc_opt is not None:
-            pairs = [(g, v) for g, v in zip(grads[len(dec_vars) :], enc_vars, strict=True)]
-            pairs = [(g, v) for g, v in pairs if g is not None]
-            enc_opt.apply([p[0] for p in pairs], [p[1] for p in pairs])
+        opt.apply(tape.gradient(loss, opt.variables))
         return loss
 
     @tf.function(input_signature=[spec, ids_spec, mask_spec], autograph=False)
@@ -375,23 +370,25 @@ def evaluate(
 
         return gen
 
-    tracked = decoder.weights + (feats.encoder_weights() if enc_vars else [])
-    best, best_val, history = None, math.inf, []
+    def train_epoch():
+        losses = [float(train_step(b["image"], b["token_ids"], b["padding_mask"])) for b in train]
+        return {"loss": float(np.mean(losses))}
+
+    def validate():
+        v = [float(val_step(b["image"], b["token_ids"], b["padding_mask"])) for b in val]
+        return float(np.mean(v)) if v else math.nan
+
+    tracked = decoder.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
-        for epoch in range(int(epochs)):
-            losses = [
-                float(train_step(b["image"], b["token_ids"], b["padding_mask"])) for b in train
-            ]
-            entry = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
-            if val is not None:
-                v = [float(val_step(b["image"], b["token_ids"], b["padding_mask"])) for b in val]
-                entry["val_loss"] = float(np.mean(v)) if v else float("nan")
-                if v and entry["val_loss"] < best_val:
-                    best_val, best = entry["val_loss"], td.snapshot_weights(tracked)
-            history.append(entry)
-            log.info("report generation epoch %d: %s", epoch + 1, entry)
-        if best is not None:
-            td.assign_weights(tracked, best)
+        history, best_val = ht.fit_selecting_on_validation(
+            "report generation",
+            epochs,
+            train_epoch,
+            validate if val is not None else None,
+            tracked,
+            "val_loss",
+            higher_is_better=False,
+        )
         decodings = {"greedy": 1}
         if num_beams and num_beams > 1:
             decodings[f"beam_{int(num_beams)}"] = int(num_beams)
@@ -431,7 +428,7 @@ def evaluate(
             "epochs": int(epochs),
             "decoder_layers": int(num_layers),
             "final_loss": history[-1]["loss"] if history else float("nan"),
-            "best_val_loss": best_val if best is not None else float("nan"),
+            "best_val_loss": best_val,
             "history": history,
             "seconds": round(time.time() - t0, 1),
         }

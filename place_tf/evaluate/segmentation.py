@@ -29,6 +29,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from place_tf.data import schema
+from place_tf.evaluate import head_training as ht
 from place_tf.evaluate import metrics
 from place_tf.evaluate import task_data as td
 
@@ -263,26 +264,20 @@ def evaluate(
     head = build_decoder(decoder, image_size, 1, decoder_width)
     head.build(grid_shape, skip_shapes if decoder == "unet" else None)
     spec = feats.image_spec(image_size)
-    head_vars = head.trainable_variables
-    enc_vars = feats.trainable_variables()
-    opt = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-    opt.build(head_vars)
-    enc_opt = None
-    if enc_vars:
-        enc_opt = keras.optimizers.AdamW(encoder_learning_rate, weight_decay=weight_decay)
-        enc_opt.build(enc_vars)
+    opt = ht.HeadOptimizer(
+        head.trainable_variables,
+        feats.trainable_variables(),
+        learning_rate,
+        encoder_learning_rate,
+        weight_decay,
+    )
 
     @tf.function(input_signature=[spec, spec], autograph=False)
     def train_step(images, masks):
         with tf.GradientTape() as tape:
             g, sk = feats(images, training=True)
             loss = dice_bce_loss(masks, head(g, sk, training=True))
-        grads = tape.gradient(loss, head_vars + enc_vars)
-        opt.apply(grads[: len(head_vars)], head_vars)
-        if enc_opt is not None:
-            pairs = [(gr, v) for gr, v in zip(grads[len(head_vars) :], enc_vars, strict=True)]
-            pairs = [(gr, v) for gr, v in pairs if gr is not None]
-            enc_opt.apply([p[0] for p in pairs], [p[1] for p in pairs])
+        opt.apply(tape.gradient(loss, opt.variables))
         return loss
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -297,21 +292,20 @@ def evaluate(
             gts.append(masks.numpy()[..., 0] > 0.5)
         return _dice_summary(np.concatenate(preds), np.concatenate(gts))
 
-    tracked = head.weights + (feats.encoder_weights() if enc_vars else [])
-    best, best_val, history = None, -1.0, []
+    def validate():
+        v = score(val)
+        return v["dice_all"] if math.isnan(v["dice"]) else v["dice"]
+
+    tracked = head.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
-        for epoch in range(int(epochs)):
-            losses = [float(train_step(x, y)) for x, y in train]
-            entry = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
-            if val is not None:
-                v = score(val)
-                entry["val_dice"] = v["dice_all"] if math.isnan(v["dice"]) else v["dice"]
-                if entry["val_dice"] > best_val:
-                    best_val, best = entry["val_dice"], td.snapshot_weights(tracked)
-            history.append(entry)
-            log.info("segmentation epoch %d: %s", epoch + 1, entry)
-        if best is not None:
-            td.assign_weights(tracked, best)
+        history, best_val = ht.fit_selecting_on_validation(
+            "segmentation",
+            epochs,
+            lambda: {"loss": float(np.mean([float(train_step(x, y)) for x, y in train]))},
+            validate if val is not None else None,
+            tracked,
+            "val_dice",
+        )
         result = score(test)
     finally:
         feats.restore()
@@ -328,7 +322,7 @@ def evaluate(
             "epochs": int(epochs),
             "train_examples": int(n_train),
             "final_loss": history[-1]["loss"] if history else float("nan"),
-            "best_val_dice": best_val if best is not None else float("nan"),
+            "best_val_dice": best_val,
             "history": history,
             "seconds": round(time.time() - t0, 1),
         }

@@ -451,12 +451,3 @@ def check_image_size(model, image_size) -> int:
     if own and int(image_size) != own:
         raise ValueError(f"image_size {image_size} differs from the model's image_size {own}")
     return int(image_size)
-
-
-def snapshot_weights(variables) -> list[np.ndarray]:
-    return [np.array(v.numpy()) for v in variables]
-
-
-def assign_weights(variables, values) -> None:
-    for v, value in zip(variables, values, strict=True):
-        v.assign(value)
