@@ -26,6 +26,9 @@ SERVING_MODEL_DIR = _env(
 )
 # Input corpus: our TFRecords (manifest.json + <split>-NNNNN-of-NNNNN.tfrecord).
 DATA_ROOT = _env("PLACE_DATA_ROOT", os.path.join(REPO_ROOT, "data", "synth_tfx"))
+# A configured DATA_ROOT holding a corpus is used as it is, SynthCXR or converted; the
+# default one is the runner's own SynthCXR cache, regenerated when stale.
+DATA_ROOT_CONFIGURED = "PLACE_DATA_ROOT" in os.environ
 # With no data configured the local runner generates this many SynthCXR images.
 SYNTHETIC_IMAGES = int(_env("PLACE_SYNTHETIC_IMAGES", "600"))
 SCHEMA_PATH = os.path.join(REPO_ROOT, "pipelines", "schema")

@@ -23,12 +23,16 @@ from pipelines.place_pipeline import create_pipeline  # noqa: E402
 
 
 def ensure_data() -> None:
-    if os.path.exists(os.path.join(configs.DATA_ROOT, "manifest.json")):
-        return
-    from place_tf.data import synthetic
+    """A configured DATA_ROOT with a corpus is used as it is. Otherwise SynthCXR is
+    generated there, and the runner's own cache is regenerated when stale (older
+    generator, other image count or render size): synthetic.refresh_cache."""
+    from place_tf.data import manifest, synthetic
 
-    logging.info("no corpus at %s: generating SynthCXR", configs.DATA_ROOT)
-    synthetic.ensure_corpus(
+    if configs.DATA_ROOT_CONFIGURED and os.path.exists(
+        os.path.join(configs.DATA_ROOT, manifest.MANIFEST_NAME)
+    ):
+        return
+    synthetic.refresh_cache(
         configs.DATA_ROOT,
         configs.SYNTHETIC_IMAGES,
         image_size=configs.TRAINING["image_size"],

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from place_tf import config as config_lib
 
@@ -82,42 +82,15 @@ Or try the built-in synthetic corpus on a CPU in minutes:
 
 
 def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed: int) -> None:
-    """Generate SynthCXR into corpus_dir when asked for (synthetic_images > 0) and it is
-    missing or a stale SynthCXR cache; rendered at max(image_size, STORED_IMAGE_SIZE)."""
+    """With --synthetic_images, make corpus_dir hold that SynthCXR corpus (generated,
+    reused, or a stale SynthCXR cache rebuilt: synthetic.refresh_cache); a converted
+    corpus is used as it is. Neither a corpus nor --synthetic_images: the MIMIC hint."""
     from place_tf.data import manifest, synthetic
 
-    render_size = max(image_size, synthetic.STORED_IMAGE_SIZE)
-    exists = os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME))
-    made_by = (manifest.read_manifest(corpus_dir).get("generator") or {}) if exists else {}
-    shards = int(made_by.get("num_shards", 4))  # a rebuilt cache keeps its sharding
-    if exists:
-        # A SynthCXR corpus that is not the one asked for (another generator version,
-        # number of images, seed or render size, or shards missing) is a stale cache, not
-        # the user's data: rebuild it, or a quickstart after an upgrade (or a changed
-        # --synthetic_images) would silently measure the old corpus.
-        if synthetic_images <= 0 or made_by.get("name") != synthetic.GENERATOR_NAME:
-            return
-        if synthetic.corpus_is_valid(corpus_dir, synthetic_images, render_size, seed, shards):
-            return
-        wanted = synthetic.generator_params(synthetic_images, render_size, seed, shards)
-        logging.warning(
-            "%s was made by %s with %s; regenerating it with %s",
-            corpus_dir,
-            synthetic.GENERATOR_NAME,
-            {k: made_by.get(k) for k in wanted},
-            wanted,
-        )
-    elif synthetic_images <= 0:
+    if synthetic_images > 0:
+        synthetic.refresh_cache(corpus_dir, synthetic_images, image_size, seed)
+    elif not os.path.exists(os.path.join(corpus_dir, manifest.MANIFEST_NAME)):
         raise SystemExit(MIMIC_HINT.format(corpus=corpus_dir or "<unset>"))
-    else:
-        logging.info("generating SynthCXR (%d images) in %s", synthetic_images, corpus_dir)
-    synthetic.generate_corpus(
-        corpus_dir,
-        synthetic_images,
-        image_size=render_size,
-        seed=seed,
-        num_shards=shards,
-    )
 
 
 def run(

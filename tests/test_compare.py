@@ -124,6 +124,25 @@ def test_settings_hash_follows_the_synthcxr_generator_version(monkeypatch):
     monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
     after = (compare.pretrain_key(cfg), compare.task_key(cfg, "linear"))
     assert before[0] != after[0] and before[1] != after[1]
+    # So does the size the corpus is rendered at (a new STORED_IMAGE_SIZE is a new corpus).
+    monkeypatch.setattr(synthetic, "STORED_IMAGE_SIZE", synthetic.STORED_IMAGE_SIZE + 32)
+    assert compare.pretrain_key(cfg) != after[0]
+
+
+def test_prepare_corpus_renders_at_the_stored_size_and_keeps_user_data(tmp_path):
+    from place_tf.data import manifest, synthetic
+
+    cfg = compare.validate(_raw_config())
+    cfg["corpus"].update(dir=str(tmp_path / "c"), images=12, image_size=16, seed=1)
+    assert compare.prepare_corpus(cfg) == 0
+    assert synthetic.corpus_is_valid(cfg["corpus"]["dir"], 12, synthetic.STORED_IMAGE_SIZE, 1)
+    path = os.path.join(cfg["corpus"]["dir"], manifest.MANIFEST_NAME)
+    doc = json.load(open(path))
+    doc["generator"] = {"name": "mimic-cxr"}
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(compare.ConfigError, match="SynthCXR did not make"):
+        compare.prepare_corpus(cfg)
+    assert json.load(open(path))["generator"] == {"name": "mimic-cxr"}
 
 
 # ------------------------------------------------------------------ aggregation

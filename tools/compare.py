@@ -316,7 +316,11 @@ def pretrain_key(cfg: dict) -> str:
     so results measured on the old one are never reused after an upgrade."""
     from place_tf.data import synthetic  # numpy and Pillow only, no TensorFlow
 
-    made_by = {"generator": synthetic.GENERATOR_NAME, "version": synthetic.GENERATOR_VERSION}
+    made_by = {
+        "generator": synthetic.GENERATOR_NAME,
+        "version": synthetic.GENERATOR_VERSION,
+        "render_size": synthetic.render_size(cfg["corpus"]["image_size"]),
+    }
     return settings_hash(cfg["corpus"], made_by, cfg["pretrain"])
 
 
@@ -979,7 +983,8 @@ def prepare_corpus(cfg: dict) -> int:
     from place_tf.data import synthetic
 
     c = cfg["corpus"]
-    synthetic.ensure_corpus(c["dir"], c["images"], image_size=c["image_size"], seed=c["seed"])
+    if not synthetic.refresh_cache(c["dir"], c["images"], c["image_size"], seed=c["seed"]):
+        raise ConfigError(f"corpus.dir {c['dir']}: holds a corpus SynthCXR did not make")
     return 0
 
 

@@ -1393,3 +1393,47 @@ def ensure_corpus(
     if corpus_is_valid(out_dir, num_images, image_size, seed, num_shards):
         return manifest_lib.read_manifest(out_dir)
     return generate_corpus(out_dir, num_images, image_size, seed, num_shards, workers)
+
+
+def render_size(image_size: int) -> int:
+    """The size a corpus for a model of `image_size` px is rendered at (STORED_IMAGE_SIZE)."""
+    return max(int(image_size), STORED_IMAGE_SIZE)
+
+
+def refresh_cache(out_dir: str, num_images: int, image_size: int, seed: int = 0) -> bool:
+    """Make out_dir hold the SynthCXR corpus a model of `image_size` px trains on.
+
+    The one policy of every command that generates a corpus on its own (the trainer, the
+    TFX runner, tools/compare.py): absent -> generated at render_size(image_size); a
+    SynthCXR cache made by another generator version or with another number of images,
+    seed or render size, or with files missing -> regenerated (its sharding kept), with a
+    warning; the same -> reused. A corpus SynthCXR did not make is the user's data and is
+    never touched: returns False then, True when out_dir now holds the corpus asked for.
+    """
+    import logging
+    import os
+
+    from place_tf.data import manifest as manifest_lib
+
+    size = render_size(image_size)
+    log = logging.getLogger(__name__)
+    if not os.path.exists(os.path.join(out_dir, manifest_lib.MANIFEST_NAME)):
+        log.info("generating SynthCXR (%d images, %d px) in %s", num_images, size, out_dir)
+        generate_corpus(out_dir, num_images, image_size=size, seed=seed)
+        return True
+    made_by = manifest_lib.read_manifest(out_dir).get("generator") or {}
+    if made_by.get("name") != GENERATOR_NAME:
+        return False
+    shards = int(made_by.get("num_shards", 4))
+    if corpus_is_valid(out_dir, num_images, size, seed, shards):
+        return True
+    wanted = generator_params(num_images, size, seed, shards)
+    log.warning(
+        "%s was made by %s with %s; regenerating it with %s",
+        out_dir,
+        GENERATOR_NAME,
+        {k: made_by.get(k) for k in wanted},
+        wanted,
+    )
+    generate_corpus(out_dir, num_images, image_size=size, seed=seed, num_shards=shards)
+    return True

@@ -150,6 +150,38 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
+def test_local_runner_keeps_a_configured_corpus_and_refreshes_its_own(
+    tmp_path, tiny_corpus, monkeypatch
+):
+    """PLACE_DATA_ROOT set: the corpus there is used as it is (here a 120-image SynthCXR
+    at 32 px, not what the runner would generate). Unset: the runner's own cache is
+    generated at the stored size and regenerated when the settings change."""
+    import json as json_lib
+
+    sys.path.insert(0, REPO)
+    from pipelines import configs, local_runner
+    from place_tf.data import synthetic
+
+    mpath = os.path.join(str(tiny_corpus), "manifest.json")
+    before = os.stat(mpath).st_mtime_ns
+    monkeypatch.setattr(configs, "DATA_ROOT", str(tiny_corpus))
+    monkeypatch.setattr(configs, "DATA_ROOT_CONFIGURED", True)
+    local_runner.ensure_data()
+    assert os.stat(mpath).st_mtime_ns == before
+    assert json_lib.load(open(mpath))["generator"]["num_images"] == 120
+
+    own = str(tmp_path / "synth_tfx")
+    monkeypatch.setattr(configs, "DATA_ROOT", own)
+    monkeypatch.setattr(configs, "DATA_ROOT_CONFIGURED", False)
+    monkeypatch.setattr(configs, "SYNTHETIC_IMAGES", 12)
+    monkeypatch.setattr(configs, "TRAINING", {**configs.TRAINING, "image_size": 16})
+    local_runner.ensure_data()
+    assert synthetic.corpus_is_valid(own, 12, synthetic.STORED_IMAGE_SIZE, 0)
+    monkeypatch.setattr(configs, "SYNTHETIC_IMAGES", 14)
+    local_runner.ensure_data()
+    assert synthetic.corpus_is_valid(own, 14, synthetic.STORED_IMAGE_SIZE, 0)
+
+
 def test_blessing_reasons():
     """The evaluator's decision: absolute thresholds, regression against the baseline, NaN."""
     sys.path.insert(0, REPO)
