@@ -167,17 +167,30 @@ def encoder_fns(model, image_keys=("image_embedding",), text_keys=()):
     if key in per_model:
         return per_model[key]
     ref = weakref.ref(model)
+    # Fixed signatures (any batch size, the model's image size): one trace per function,
+    # whatever the batch, split or caller (tf.data tensors or NumPy arrays).
+    mc = model.model_config
+    image_spec = tf.TensorSpec([None, mc.image_size, mc.image_size, 1], tf.float32)
+    text_spec = tf.TensorSpec([None, None], tf.int32)
+    mask_spec = tf.TensorSpec([None, None], tf.bool)
 
-    @tf.function(reduce_retracing=True)
-    def enc_image(images):
+    @tf.function(input_signature=[image_spec])
+    def image_fn(images):
         out = ref().encode_image(images, training=False)
         return {k: out[k] for k in key[0]}
 
-    @tf.function(reduce_retracing=True)
-    def enc_text(token_ids, padding_mask):
+    @tf.function(input_signature=[text_spec, mask_spec])
+    def text_fn(token_ids, padding_mask):
         out = ref().encode_text(token_ids, padding_mask, training=False)
         return {k: out[k] for k in key[1]}
 
+    def enc_image(images):
+        return image_fn(tf.cast(images, tf.float32))
+
+    def enc_text(token_ids, padding_mask):
+        return text_fn(tf.cast(token_ids, tf.int32), tf.cast(padding_mask, tf.bool))
+
+    enc_image.tf_function, enc_text.tf_function = image_fn, text_fn
     per_model[key] = (enc_image, enc_text)
     return enc_image, enc_text
 

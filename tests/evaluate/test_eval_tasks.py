@@ -255,6 +255,30 @@ def test_extract_aligns_ids_and_shapes(model_file, corpus):
     np.testing.assert_allclose(np.linalg.norm(d["text_embedding"], axis=1), 1.0, atol=1e-4)
 
 
+def test_encoder_fns_trace_once_for_any_batch_and_input_kind(model_file, corpus):
+    """Every split, the short last batch and NumPy callers (localization) share one trace."""
+    import keras
+
+    from place_tf.evaluate import embeddings
+
+    model = keras.saving.load_model(model_file, compile=False)
+    tok = embeddings.load_tokenizer(model, model_file, corpus)
+    for split in ("train", "validate"):  # batch 5 leaves a short last batch
+        embeddings.extract(
+            model, corpus, split, tok, batch_size=5, text_outputs=("text_embedding",)
+        )
+    enc_image, enc_text = embeddings.encoder_fns(
+        model, ("image_embedding", "image_features"), ("text_embedding",)
+    )
+    s = model.model_config.image_size
+    out = enc_image(np.zeros((3, s, s, 1), np.float64))  # NumPy float64: cast, no new trace
+    assert out["image_embedding"].shape == (3, 16)
+    ids, mask = tok(["no acute process", "small left effusion"])
+    assert enc_text(ids.numpy().astype(np.int64), mask)["text_embedding"].shape == (2, 16)
+    assert enc_image.tf_function.experimental_get_tracing_count() == 1
+    assert enc_text.tf_function.experimental_get_tracing_count() == 1
+
+
 # ------------------------------------------------------------------ tasks through the CLI
 def test_cli_linear_probe(model_file, corpus, tmp_path):
     r, table = _cli(
