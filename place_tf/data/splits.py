@@ -125,7 +125,8 @@ def read_split_examples(corpus_dir: str, split: str = "train") -> list[tuple[str
     spec = {k: schema.feature_spec()[k] for k in (schema.IMAGE_ID, schema.CLASS_LABEL)}
     spec[schema.CHEXPERT] = schema.feature_spec()[schema.CHEXPERT]
     out = []
-    ds = tf.data.TFRecordDataset(files).batch(256).map(lambda s: tf.io.parse_example(s, spec))
+    parse = tf.autograph.experimental.do_not_convert(lambda s: tf.io.parse_example(s, spec))
+    ds = tf.data.TFRecordDataset(files).batch(256).map(parse)
     for batch in ds.as_numpy_iterator():
         for i, c, v in zip(
             batch[schema.IMAGE_ID], batch[schema.CLASS_LABEL], batch[schema.CHEXPERT], strict=True

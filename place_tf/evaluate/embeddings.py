@@ -174,12 +174,12 @@ def encoder_fns(model, image_keys=("image_embedding",), text_keys=()):
     text_spec = tf.TensorSpec([None, None], tf.int32)
     mask_spec = tf.TensorSpec([None, None], tf.bool)
 
-    @tf.function(input_signature=[image_spec])
+    @tf.function(input_signature=[image_spec], autograph=False)
     def image_fn(images):
         out = ref().encode_image(images, training=False)
         return {k: out[k] for k in key[0]}
 
-    @tf.function(input_signature=[text_spec, mask_spec])
+    @tf.function(input_signature=[text_spec, mask_spec], autograph=False)
     def text_fn(token_ids, padding_mask):
         out = ref().encode_text(token_ids, padding_mask, training=False)
         return {k: out[k] for k in key[1]}
@@ -311,7 +311,8 @@ def read_rows_in_eval_order(data_dir: str, split: str) -> list[tuple[str, int, l
         tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1
     )
     rows = []
-    for batch in ds.batch(256).map(lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
+    parse = tf.autograph.experimental.do_not_convert(lambda s: tf.io.parse_example(s, spec))
+    for batch in ds.batch(256).map(parse).as_numpy_iterator():
         for i, c, v, f, imp in zip(
             batch[schema.IMAGE_ID],
             batch[schema.CLASS_LABEL],

@@ -249,7 +249,7 @@ def annotation_counts(data_dir: str, split: str, kind: str) -> Counter:
     spec = {key: schema.feature_spec()[key]}
     counts: Counter = Counter()
     ds = tf.data.TFRecordDataset(manifest.split_files(data_dir, split))
-    for s in ds.batch(256).map(lambda b: tf.io.parse_example(b, spec)[key]):
+    for s in ds.batch(256).map(_nc(lambda b: tf.io.parse_example(b, spec)[key])):
         dense = tf.sparse.to_dense(s, default_value=-1).numpy()
         for row in dense:
             counts.update({int(v) for v in row if v >= 0})
