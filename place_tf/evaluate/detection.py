@@ -390,13 +390,7 @@ def evaluate(
     )
     test = eval_data(split)
 
-    opt = ht.HeadOptimizer(
-        head.trainable_variables,
-        feats.trainable_variables(),
-        learning_rate,
-        encoder_learning_rate,
-        weight_decay,
-    )
+    opt = ht.HeadOptimizer.for_task(head, feats, learning_rate, encoder_learning_rate, weight_decay)
 
     @tf.function(input_signature=[spec, target_spec], autograph=False)
     def train_step(images, targets):
@@ -440,14 +434,13 @@ def evaluate(
             n += 1
         return {k: v / max(n, 1) for k, v in sums.items()}
 
-    tracked = head.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
         history, best_val = ht.fit_selecting_on_validation(
             "detection",
             epochs,
             train_epoch,
             (lambda: score(val)["map"]) if val is not None else None,
-            tracked,
+            opt.tracked,
             "val_map",
         )
         res = score(test)

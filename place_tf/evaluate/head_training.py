@@ -23,7 +23,9 @@ class HeadOptimizer:
 
     `variables` is the list to differentiate against (head first); `apply` takes the
     gradients in that order. Encoder variables that get no gradient (a layer the task does
-    not reach, e.g. the ViT's pooled output) are left alone.
+    not reach, e.g. the ViT's pooled output) are left alone. `tracked` is what the
+    best-epoch selection snapshots and restores (`for_task`: every weight of the head, and
+    of the encoder when it is fine-tuned; otherwise the optimised variables).
     """
 
     def __init__(
@@ -42,6 +44,22 @@ class HeadOptimizer:
         if self.encoder_variables:
             self.encoder = keras.optimizers.AdamW(encoder_learning_rate, weight_decay=weight_decay)
             self.encoder.build(self.encoder_variables)
+        self.tracked = self.variables
+
+    @classmethod
+    def for_task(
+        cls, head, features, learning_rate: float, encoder_learning_rate: float, weight_decay: float
+    ) -> HeadOptimizer:
+        """For a task head over a task_data.TaskFeatures (frozen or fine-tuned encoder)."""
+        opt = cls(
+            head.trainable_variables,
+            features.trainable_variables(),
+            learning_rate,
+            encoder_learning_rate,
+            weight_decay,
+        )
+        opt.tracked = head.weights + (features.encoder_weights() if opt.encoder_variables else [])
+        return opt
 
     @property
     def variables(self) -> list:

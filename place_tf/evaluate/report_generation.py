@@ -328,12 +328,8 @@ def evaluate(
         name="report_decoder",
     )
     decoder.build()
-    opt = ht.HeadOptimizer(
-        decoder.trainable_variables,
-        feats.trainable_variables(),
-        learning_rate,
-        encoder_learning_rate,
-        weight_decay,
+    opt = ht.HeadOptimizer.for_task(
+        decoder, feats, learning_rate, encoder_learning_rate, weight_decay
     )
 
     spec = feats.image_spec(image_size)
@@ -378,14 +374,13 @@ def evaluate(
         v = [float(val_step(b["image"], b["token_ids"], b["padding_mask"])) for b in val]
         return float(np.mean(v)) if v else math.nan
 
-    tracked = decoder.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
         history, best_val = ht.fit_selecting_on_validation(
             "report generation",
             epochs,
             train_epoch,
             validate if val is not None else None,
-            tracked,
+            opt.tracked,
             "val_loss",
             higher_is_better=False,
         )

@@ -264,13 +264,7 @@ def evaluate(
     head = build_decoder(decoder, image_size, 1, decoder_width)
     head.build(grid_shape, skip_shapes if decoder == "unet" else None)
     spec = feats.image_spec(image_size)
-    opt = ht.HeadOptimizer(
-        head.trainable_variables,
-        feats.trainable_variables(),
-        learning_rate,
-        encoder_learning_rate,
-        weight_decay,
-    )
+    opt = ht.HeadOptimizer.for_task(head, feats, learning_rate, encoder_learning_rate, weight_decay)
 
     @tf.function(input_signature=[spec, spec], autograph=False)
     def train_step(images, masks):
@@ -296,14 +290,13 @@ def evaluate(
         v = score(val)
         return v["dice_all"] if math.isnan(v["dice"]) else v["dice"]
 
-    tracked = head.weights + (feats.encoder_weights() if opt.encoder_variables else [])
     try:
         history, best_val = ht.fit_selecting_on_validation(
             "segmentation",
             epochs,
             lambda: {"loss": float(np.mean([float(train_step(x, y)) for x, y in train]))},
             validate if val is not None else None,
-            tracked,
+            opt.tracked,
             "val_dice",
         )
         result = score(test)

@@ -81,3 +81,31 @@ def test_without_validation_the_last_epoch_stays():
 def test_all_nan_validation_keeps_the_last_epoch():
     w, best, _ = _run([math.nan, math.nan])
     assert w == 2.0 and math.isnan(best)
+
+
+class _Features:
+    """The part of task_data.TaskFeatures that for_task reads."""
+
+    def __init__(self, finetune):
+        self.encoder = keras.layers.BatchNormalization()
+        self.encoder.build((None, 3))
+        self.finetune = finetune
+
+    def trainable_variables(self):
+        return list(self.encoder.trainable_variables) if self.finetune else []
+
+    def encoder_weights(self):
+        return list(self.encoder.weights)
+
+
+def test_for_task_tracks_every_head_weight_and_the_encoder_only_when_fine_tuned():
+    head = keras.layers.BatchNormalization()  # 2 trainable + 2 non-trainable weights
+    head.build((None, 3))
+    frozen = ht.HeadOptimizer.for_task(head, _Features(False), 0.1, 0.01, 0.0)
+    assert frozen.encoder is None and frozen.variables == list(head.trainable_variables)
+    assert [id(v) for v in frozen.tracked] == [id(v) for v in head.weights]
+    feats = _Features(True)
+    tuned = ht.HeadOptimizer.for_task(head, feats, 0.1, 0.01, 0.0)
+    assert tuned.encoder_variables == list(feats.encoder.trainable_variables)
+    want = head.weights + feats.encoder.weights
+    assert [id(v) for v in tuned.tracked] == [id(v) for v in want] and len(want) == 8
