@@ -54,9 +54,9 @@ def run_fn(fn_args: FnArgs) -> None:
         max_steps=int(fn_args.train_steps),
     )
     from place_tf import config as config_lib
-    from place_tf.trainer import Configs, Trainer
+    from place_tf.training.loop import Trainer
 
-    cfg = Configs(**config_lib.from_flat(settings, objective))
+    cfg = config_lib.Configs(**config_lib.from_flat(settings, objective))
     trainer = Trainer(cfg)
     summary = trainer.run()
     # The model built inside the TFX process must be Keras 3, even though TFX imported

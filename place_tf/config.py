@@ -127,7 +127,10 @@ class TrainConfig:
     mixed_precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    log_every: int = 10
+    log_every: int = 10  # losses and counters are read back to the host this often
+    # Training steps per tf.function call (>1 saves per-call dispatch on accelerators;
+    # checkpoints, logs and signals are then handled between calls).
+    steps_per_call: int = 1
     seed: int = 0
     deterministic: bool = False
     max_bad_steps: int = 20  # non-finite losses tolerated before stopping
@@ -179,6 +182,16 @@ def from_flat(values: dict, objective: str = "place") -> dict:
         else:
             out[section] = cls(**picked)
     return out
+
+
+@dataclasses.dataclass
+class Configs:
+    """The four configs of a training run."""
+
+    data: DataConfig
+    model: ModelConfig
+    objective: ObjectiveConfig
+    train: TrainConfig
 
 
 def dumps(**cfgs: Any) -> str:

@@ -3,6 +3,10 @@
 Strategies: "default" (one device), "mirrored" (all local GPUs, else the logical CPU
 devices), "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG), "tpu" (TPUStrategy
 from a TPUClusterResolver; `PLACE_TPU` names the TPU, empty = local).
+
+All-reduce: NCCL between GPUs (in one process and across workers); NCCL has no CPU
+kernels, so CPU replicas use reduction to one device (one process) or RING collectives
+(across workers). `all_reduce_choice` decides from the device list alone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ def configure_cpu_devices(num_devices: int) -> None:
             ) from e
 
 
+def all_reduce_choice(device_types) -> str:
+    """ "NCCL" when there are GPUs to train on, else "RING" (CPU replicas)."""
+    return "NCCL" if any(str(t).upper() == "GPU" for t in device_types) else "RING"
+
+
+def _local_device_types() -> list[str]:
+    # Physical devices: listing them does not initialise the TF runtime, which
+    # MultiWorkerMirroredStrategy must configure first.
+    import tensorflow as tf
+
+    return [d.device_type for d in tf.config.list_physical_devices()]
+
+
 def make_strategy(strategy: str, num_cpu_devices: int = 0):
     import tensorflow as tf
 
@@ -43,12 +60,14 @@ def make_strategy(strategy: str, num_cpu_devices: int = 0):
         configure_cpu_devices(num_cpu_devices)
     if strategy == "default":
         return tf.distribute.get_strategy()
+    choice = all_reduce_choice(_local_device_types())
     if strategy == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        if gpus:
-            return tf.distribute.MirroredStrategy()
+        if choice == "NCCL":
+            gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+            return tf.distribute.MirroredStrategy(
+                gpus, cross_device_ops=tf.distribute.NcclAllReduce()
+            )
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
-        # Ring all-reduce between logical CPU devices; NCCL is for GPUs only.
         return tf.distribute.MirroredStrategy(
             cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
         )
@@ -57,13 +76,15 @@ def make_strategy(strategy: str, num_cpu_devices: int = 0):
             raise ValueError("strategy 'multiworker' needs the TF_CONFIG environment variable")
         cfg = json.loads(os.environ["TF_CONFIG"])
         logging.info(
-            "MultiWorkerMirroredStrategy: task %s of cluster %s",
+            "MultiWorkerMirroredStrategy (%s all-reduce): task %s of cluster %s",
+            choice,
             cfg.get("task"),
             {k: len(v) for k, v in cfg.get("cluster", {}).items()},
         )
+        impl = tf.distribute.experimental.CommunicationImplementation
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=tf.distribute.experimental.CommunicationImplementation.RING
+                implementation=impl.NCCL if choice == "NCCL" else impl.RING
             )
         )
     if strategy == "tpu":

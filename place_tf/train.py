@@ -12,7 +12,6 @@ deterministic) sets all of them. Extra flags:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -63,13 +62,11 @@ flags.DEFINE_enum(
 def configs_from_flags(overrides: dict | None = None):
     """Configs from parsed flags: the flags' values, with --objective's preset for the
     objective fields not given explicitly (on the command line or in a flag file)."""
-    from place_tf.trainer import Configs
-
     names = config_lib.field_names()
     obj_fields = {f.name for f in dataclasses.fields(config_lib.ObjectiveConfig)}
     values = {n: FLAGS[n].value for n in names if n not in obj_fields or FLAGS[n].present}
     values.update(overrides or {})
-    return Configs(**config_lib.from_flat(values, FLAGS.objective))
+    return config_lib.Configs(**config_lib.from_flat(values, FLAGS.objective))
 
 
 MIMIC_HINT = """\
@@ -94,13 +91,20 @@ def prepare_corpus(corpus_dir: str, synthetic_images: int, image_size: int, seed
 
 
 def run(
-    cfg, synthetic_images: int = 0, synthetic_seed: int = 0, export: bool = True, probe: bool = True
+    cfg,
+    synthetic_images: int = 0,
+    synthetic_seed: int = 0,
+    export: bool = True,
+    probe: bool = True,
+    on_step=None,
 ) -> dict:
-    """Library entry point (also used by the TFX run_fn): train, save, export, probe."""
-    from place_tf.trainer import SUMMARY_FILE, Trainer
+    """Library entry point: train, save, export, probe. `on_step(trainer, step)` runs
+    after every training step (fault injection in the reliability tests)."""
+    from place_tf.training import run_dir
+    from place_tf.training.loop import Trainer
 
     prepare_corpus(cfg.data.corpus_dir, synthetic_images, cfg.data.image_size, synthetic_seed)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, on_step=on_step)
     summary = trainer.run()
     model_dir = cfg.train.model_dir
     if export and "model" in summary:
@@ -119,10 +123,7 @@ def run(
             trainer.model, trainer.tokenizer, cfg
         )
     if "model" in summary:  # the chief: other workers save nothing (their dirs are temporary)
-        path = os.path.join(model_dir, SUMMARY_FILE)
-        with open(path + ".tmp", "w") as f:  # atomic: a reader never sees half a summary
-            json.dump(summary, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        run_dir.write_summary(model_dir, summary)
     return summary
 
 
@@ -153,11 +154,14 @@ def _print_summary(summary: dict, model_dir: str) -> None:
     print("\n".join(lines), flush=True)
 
 
-def main(argv):
+def main(argv, on_step=None):
+    """The CLI; `on_step` as in `run` (tests/reliability/fault_launcher.py)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = configs_from_flags()
-    summary = run(cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe)
+    summary = run(
+        cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe, on_step
+    )
     _print_summary(summary, cfg.train.model_dir)
     return 0
 

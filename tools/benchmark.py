@@ -305,14 +305,13 @@ def random_batch(mc, batch: int, seed: int) -> dict:
 def build_train_step(spec: dict):
     """(step_fn, model, strategy, bad_steps, cfgs) built as `Trainer.run` builds them.
 
-    The step, model and optimizer are the trainer's own (`Trainer._make_train_step`,
-    `Trainer.build_model_and_optimizer`).
+    The set-up, train state and step are training's own (`setup.prepare`,
+    `setup.build_train_state`, `step.build_train_step`).
     """
-    import keras
-
     from place_tf import config as config_lib
-    from place_tf import distribute, trainer
     from place_tf.models import objectives
+    from place_tf.training import setup
+    from place_tf.training import step as step_lib
 
     replicas_wanted = int(spec["replicas"])
     mc = model_config(spec["config"]) if isinstance(spec["config"], str) else spec["config"]
@@ -329,25 +328,19 @@ def build_train_step(spec: dict):
         warmup_steps=10,
         learning_rate=1e-4,
     )
-    cfgs = trainer.Configs(
+    cfgs = config_lib.Configs(
         data=config_lib.DataConfig(image_size=mc.image_size, max_length=mc.max_length),
         model=mc,
         objective=objectives.objective_config(spec["objective"]),
         train=train,
     )
-    tr = trainer.Trainer(cfgs)
-    # --- as Trainer.run: strategy first, then seeds and the precision policy
-    strategy = distribute.make_strategy(train.strategy, train.num_cpu_devices)
-    tr._setup_determinism()
-    keras.mixed_precision.set_global_policy(train.mixed_precision)
+    strategy = setup.prepare(train)
     replicas = strategy.num_replicas_in_sync
     if replicas != replicas_wanted:
         raise RuntimeError(f"asked for {replicas_wanted} replicas, the strategy has {replicas}")
-    model, optimizer, bad_steps, counters = tr.build_model_and_optimizer(
-        strategy, mc, train.max_steps
-    )
-    step = tr._make_train_step(strategy, model, optimizer, bad_steps, replicas, counters)
-    return step, model, strategy, bad_steps, cfgs
+    state = setup.build_train_state(strategy, mc, cfgs.objective, train, train.max_steps)
+    step = step_lib.build_train_step(strategy, state, train, cfgs.objective)
+    return step, state.model, strategy, state.bad_steps, cfgs
 
 
 def _devices(strategy) -> list[str]:
@@ -1056,8 +1049,7 @@ def cmd_serve(args) -> dict:
     from place_tf import export
     from place_tf.data import synthetic
     from place_tf.data import tokenizer as tok
-    from place_tf.models import objectives
-    from place_tf.models.place_model import PLACEModel
+    from place_tf.models import factory, objectives
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -1065,7 +1057,7 @@ def cmd_serve(args) -> dict:
     mc = model_config(args.config)
     words = [f"w{i}" for i in range(max(0, min(mc.vocab_size, 200) - len(tok.SPECIAL_TOKENS)))]
     tokenizer = tok.ReportTokenizer(list(tok.SPECIAL_TOKENS) + words, max_length=mc.max_length)
-    model = PLACEModel(mc, objectives.objective_config("place"))
+    model = factory.create_model(mc, objectives.objective_config("place"), build=False)
     px = args.image_px or mc.image_size
     pngs = [synthetic.encode_png(synthetic.render_example(i, 0, px)[0]) for i in range(max(8, 32))]
     with tempfile.TemporaryDirectory() as tmp:

@@ -903,12 +903,10 @@ def _random_init_model(cfg: dict, seed: int):
     """The untrained twin: the PLACE-objective model (all branches) at this seed."""
     import dataclasses
 
-    import keras
-
     from place_tf import config as config_lib
+    from place_tf.config import Configs
     from place_tf.data import tokenizer as tok
-    from place_tf.models.place_model import PLACEModel
-    from place_tf.trainer import Configs, _dummy_batch
+    from place_tf.models import factory
 
     corpus = cfg["corpus"]["dir"]
     cfgs = Configs(**config_lib.from_flat(_flat_settings(cfg, "", seed), "place"))
@@ -918,17 +916,15 @@ def _random_init_model(cfg: dict, seed: int):
     mc = dataclasses.replace(
         cfgs.model, vocab_size=tokenizer.vocabulary_size, max_length=cfgs.data.max_length
     )
-    keras.utils.set_random_seed(seed)
-    model = PLACEModel(mc, cfgs.objective, seed=seed)
-    model(_dummy_batch(mc, cfgs.data.max_length), training=False)
-    return model, tokenizer
+    return factory.random_init_twin(mc, cfgs.objective, seed), tokenizer
 
 
 def _pretrained_model(cfg: dict, work_dir: str, method: str, seed: int):
     from place_tf import config as config_lib
     from place_tf import train
+    from place_tf.config import Configs
     from place_tf.evaluate import embeddings as emb_lib
-    from place_tf.trainer import SUMMARY_FILE, Configs
+    from place_tf.training.run_dir import SUMMARY_FILE
 
     run_dir = model_dir(work_dir, cfg, method, seed)
     rec_path = os.path.join(work_dir, "results", method, f"seed{seed}", "pretrain.json")

@@ -15,7 +15,6 @@ no further encoder passes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,9 +24,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_FILE = "run_info.json"
-CKPT_SUBDIR = "checkpoints"
-MODEL_FILE = "model.keras"
 IMAGE_OUTPUTS = ("image_embedding", "image_features", "observations", "attention_maps")
 TEXT_OUTPUTS = ("text_embedding", "text_observations", "text_features")
 
@@ -35,69 +31,16 @@ TEXT_OUTPUTS = ("text_embedding", "text_observations", "text_features")
 # ------------------------------------------------------------------ loading
 def read_run_info(path: str) -> dict | None:
     """run_info.json of a run directory, or of the directory holding a .keras file; else None."""
-    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    p = os.path.join(d, RUN_INFO_FILE)
-    if not os.path.exists(p):
-        return None
-    try:
-        with open(p) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: unreadable run info ({e})") from None
+    from place_tf.training import run_dir
 
-
-def _build_from_configs(model_cfg: dict, objective_cfg: dict, seed: int | None = None):
-    from place_tf.config import ModelConfig, ObjectiveConfig, from_dict
-    from place_tf.models.place_model import PLACEModel
-
-    return PLACEModel(
-        from_dict(ModelConfig, model_cfg), from_dict(ObjectiveConfig, objective_cfg), seed=seed
-    )
+    return run_dir.read_run_info(path)
 
 
 def load_model(path: str):
     """PLACEModel from a .keras file or a run directory (see module docstring)."""
-    import keras
-    import tensorflow as tf
+    from place_tf.models import factory
 
-    import place_tf.models.place_model  # noqa: F401  (registers PLACEModel for load_model)
-    from place_tf import checkpointing
-
-    if not path:
-        raise ValueError("no model given: pass a .keras file or a training run directory")
-    if os.path.isfile(path):
-        if not path.endswith(".keras"):
-            raise ValueError(f"{path}: expected a .keras file or a run directory")
-        return keras.saving.load_model(path, compile=False)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path not found: {path}")
-    ckpt_dir = os.path.join(path, CKPT_SUBDIR)
-    latest = tf.train.latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-    info = read_run_info(path)
-    keras_file = os.path.join(path, MODEL_FILE)
-    if latest and info is not None:
-        cfgs = info.get("configs", {})
-        if "model" not in cfgs or "objective" not in cfgs:
-            raise ValueError(
-                f"{os.path.join(path, RUN_INFO_FILE)}: 'configs' needs 'model' and 'objective'"
-            )
-        model = _build_from_configs(cfgs["model"], cfgs["objective"])
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(), ckpt_dir, None)
-        for p in reversed(manager.checkpoints):
-            try:
-                checkpointing.restore_model(model, p)
-                log.info("restored model weights from %s", p)
-                return model
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
-                log.warning(
-                    "checkpoint %s is unreadable (%s); trying an older one", p, type(e).__name__
-                )
-        raise ValueError(f"{ckpt_dir}: no checkpoint could be restored into the model")
-    if os.path.exists(keras_file):
-        return keras.saving.load_model(keras_file, compile=False)
-    raise FileNotFoundError(
-        f"{path}: neither {CKPT_SUBDIR}/ with {RUN_INFO_FILE} nor {MODEL_FILE}: not a PLACE-TF run"
-    )
+    return factory.load_model(path)
 
 
 def load_tokenizer(model, model_path: str = "", data_dir: str = "", vocab_file: str = ""):
@@ -136,14 +79,9 @@ def load_tokenizer(model, model_path: str = "", data_dir: str = "", vocab_file: 
 def random_init_twin(model, seed: int = 1):
     """A freshly initialised PLACEModel with the same configs as `model` (the baseline of
     "what did pre-training buy"). Seeds Keras' global RNG with `seed`."""
-    import keras
+    from place_tf.models import factory
 
-    keras.utils.set_random_seed(seed)
-    return _build_from_configs(
-        dataclasses.asdict(model.model_config),
-        dataclasses.asdict(model.objective_config),
-        seed=seed,
-    )
+    return factory.twin_of(model, seed, build=False)
 
 
 def image_size_of(model) -> int:

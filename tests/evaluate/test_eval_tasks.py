@@ -183,8 +183,8 @@ def test_load_model_from_run_dir(model_file, tmp_path):
     import keras
     import tensorflow as tf
 
-    from place_tf import checkpointing
     from place_tf.evaluate import embeddings
+    from place_tf.training import checkpoints
 
     model = keras.saving.load_model(model_file, compile=False)
     # A trained-looking model: weights different from any fresh initialisation.
@@ -201,7 +201,7 @@ def test_load_model_from_run_dir(model_file, tmp_path):
     }
     (run_dir / "run_info.json").write_text(json.dumps(info))
     # The trainer's checkpoint format: every variable keyed by its path.
-    ckpt = checkpointing.make_checkpoint(model)
+    ckpt = checkpoints.make_checkpoint(model)
     manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), 3)
     manager.save(checkpoint_number=7)
 
@@ -397,8 +397,8 @@ def test_cli_rejects_bad_fraction(model_file, corpus, tmp_path):
 def test_compare_with_random_init(model_file, corpus, monkeypatch):
     import keras
 
+    from place_tf.config import Configs
     from place_tf.data import tokenizer as tok
-    from place_tf.trainer import Configs
 
     model = keras.saving.load_model(model_file, compile=False)
     cfg = Configs(

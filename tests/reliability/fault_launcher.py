@@ -16,24 +16,21 @@ import signal
 import sys
 import time
 
+# Hooks run after every training step through the public `on_step` seam of
+# place_tf.train.main: `hook(trainer, applied_steps)`.
+_HOOKS: list = []
+
 
 def _after_each_step(hook) -> None:
-    """Wrap the trainer's step so `hook(trainer, applied_steps)` runs after every step."""
-    from place_tf import trainer
+    _HOOKS.append(hook)
 
-    original = trainer.Trainer._make_train_step
 
-    def make_step(self, strategy, model, optimizer, *args, **kwargs):
-        step_fn = original(self, strategy, model, optimizer, *args, **kwargs)
-
-        def step(batch):
-            logs = step_fn(batch)
-            hook(self, int(optimizer.iterations.numpy()))
-            return logs
-
-        return step
-
-    trainer.Trainer._make_train_step = make_step
+def _on_step(trainer, step: int) -> None:
+    if not _HOOKS:
+        return
+    applied = int(trainer.state.optimizer.iterations.numpy())  # a host sync: tests only
+    for hook in _HOOKS:
+        hook(trainer, applied)
 
 
 def _install_pause(pause_at: int, marker: str) -> None:
@@ -43,7 +40,7 @@ def _install_pause(pause_at: int, marker: str) -> None:
                 f.write(str(os.getpid()))
             os.replace(marker + ".tmp", marker)
             deadline = time.time() + 600
-            while tr.flag.signum is None and time.time() < deadline:
+            while tr.termination.signum is None and time.time() < deadline:
                 time.sleep(0.05)  # the trainer's SIGTERM handler sets the flag
 
     _after_each_step(pause)
@@ -72,6 +69,8 @@ def _install_kill_in_save(number: int) -> None:
 
 
 def main() -> int:
+    import functools
+
     from absl import app
 
     from place_tf import train
@@ -86,7 +85,7 @@ def main() -> int:
         )
     if os.environ.get("PLACE_FAULT_KILL_IN_SAVE"):
         _install_kill_in_save(int(os.environ["PLACE_FAULT_KILL_IN_SAVE"]))
-    return app.run(train.main)
+    return app.run(functools.partial(train.main, on_step=_on_step))
 
 
 if __name__ == "__main__":

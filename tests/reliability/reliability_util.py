@@ -36,9 +36,8 @@ CORPUS_IMAGE_SIZE = 32
 
 
 def tiny_configs(corpus_dir: str, model_dir: str, objective: str = "convirt", **overrides):
-    """place_tf.trainer.Configs of the tiny model (in-process runs)."""
+    """place_tf.config.Configs of the tiny model (in-process runs)."""
     from place_tf import config as config_lib
-    from place_tf.trainer import Configs
 
     values = {k: int(v) for k, v in TINY_SETTINGS.items()}
     values.update(
@@ -50,7 +49,7 @@ def tiny_configs(corpus_dir: str, model_dir: str, objective: str = "convirt", **
         augment=False,
     )
     values.update(overrides)
-    return Configs(**config_lib.from_flat(values, objective))
+    return config_lib.Configs(**config_lib.from_flat(values, objective))
 
 
 def child_env(**extra) -> dict:
@@ -169,7 +168,7 @@ def optimizer_state(ckpt: dict) -> dict[str, np.ndarray]:
 
 
 # Checkpoint names of the optimizers' variables: keyed by their role (see
-# place_tf/checkpointing.optimizer_renames), not by Keras' auto-numbered optimizer names.
+# place_tf/training/checkpoints.optimizer_renames), not by Keras' auto-numbered optimizer names.
 ITERATIONS = ("inner_optimizer..iteration",)
 DYNAMIC_SCALE = ("optimizer..optimizer..dynamic_scale",)
 

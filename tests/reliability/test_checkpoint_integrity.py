@@ -17,7 +17,7 @@ import pytest
 import reliability_util as U
 import tensorflow as tf
 
-from place_tf import checkpointing, trainer
+from place_tf.training import checkpoints
 
 
 def _corrupt(prefix: str, how: str) -> None:
@@ -44,9 +44,7 @@ DAMAGE = ["truncated_data", "cut_to_16_bytes", "empty_data", "missing_index", "f
 
 
 def restore_as_the_trainer_does(manager, ckpt):
-    return checkpointing.restore_latest_good(
-        trainer.readable_checkpoints(manager.checkpoints), ckpt
-    )
+    return checkpoints.restore_newest_readable(ckpt, manager.checkpoints)
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -129,7 +127,7 @@ def _checkpoint_keys():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")], name="m")
     opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.AdamW())
     opt.build(model.trainable_variables)
-    return sorted(checkpointing.make_checkpoint(model, opt)._trackable_children())
+    return sorted(checkpoints.make_checkpoint(model, opt)._trackable_children())
 
 
 def test_checkpoint_keys_do_not_depend_on_what_the_process_built_before():

@@ -16,7 +16,8 @@ import reliability_util as U
 import tensorflow as tf
 
 from place_tf.models.place_model import PLACEModel
-from place_tf.trainer import NonFiniteLossError, Trainer
+from place_tf.training.guards import NonFiniteLossError
+from place_tf.training.loop import Trainer
 
 
 def poison_steps(monkeypatch, steps, factor):

@@ -15,7 +15,8 @@ import pytest
 import reliability_util as U
 import tensorflow as tf
 
-from place_tf.trainer import Trainer, warmup_cosine
+from place_tf.training import inputs
+from place_tf.training.schedule import warmup_cosine
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +75,12 @@ def test_resumed_learning_rate_schedule_continues(preemption_chain, reference_ru
 
 
 def test_deterministic_replay_feeds_the_batches_an_uninterrupted_run_would(tiny_corpus, tmp_path):
-    """The resumed input stream (_dataset_fn with start_step) continues exactly where the
+    """The resumed input stream (inputs.dataset_fn with start_step) continues exactly where the
     uninterrupted stream is, also with several replicas per input pipeline."""
     from place_tf.data import pipeline
     from place_tf.data import tokenizer as tok
 
-    trainer = Trainer(U.tiny_configs(tiny_corpus, str(tmp_path), augment=True))
-    trainer.skip_counter = pipeline.SkipCounter()
+    cfg = U.tiny_configs(tiny_corpus, str(tmp_path), augment=True)
     tokenizer = tok.ReportTokenizer(
         tok.load_vocabulary(os.path.join(tiny_corpus, "vocab.txt")), max_length=16
     )
@@ -88,8 +88,10 @@ def test_deterministic_replay_feeds_the_batches_an_uninterrupted_run_would(tiny_
     ctx = tf.distribute.InputContext(
         num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=2
     )
-    fresh = list(trainer._dataset_fn(tokenizer, 8, 0)(ctx).take(16).as_numpy_iterator())
-    resumed = list(trainer._dataset_fn(tokenizer, 8, 5)(ctx).take(6).as_numpy_iterator())
+    fresh_fn = inputs.dataset_fn(cfg, tokenizer, 8, 0, pipeline.SkipCounter())
+    resumed_fn = inputs.dataset_fn(cfg, tokenizer, 8, 5, pipeline.SkipCounter())
+    fresh = list(fresh_fn(ctx).take(16).as_numpy_iterator())
+    resumed = list(resumed_fn(ctx).take(6).as_numpy_iterator())
     assert fresh[0]["image"].shape[0] == 4
     for a, b in zip(fresh[10:16], resumed, strict=True):  # step 5 = batches 10, 11
         for k in a:
