@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+from place_tf import presets
+
 
 @dataclasses.dataclass
 class DataConfig:
@@ -60,30 +62,15 @@ class ModelConfig:
     text_init: str = ""
 
 
-# The smallest model the code accepts (32-px images, 16 tokens, one layer per stack).
-# Tests, benchmarks and fault-injection runs share it; as flags or TFX settings it is
-# TINY_MODEL_FIELDS, and the vocabulary size comes from the corpus or the caller.
-TINY_MODEL_FIELDS: dict[str, int] = dict(
-    image_size=32,
-    patch_size=8,
-    vit_layers=1,
-    vit_heads=2,
-    vit_width=32,
-    vit_mlp=64,
-    text_layers=1,
-    text_heads=2,
-    text_width=32,
-    text_mlp=64,
-    max_length=16,
-    embed_dim=16,
-    num_queries=4,
-    query_layers=1,
-    query_heads=2,
-    query_width=32,
-    cce_decoder_layers=1,
-    cce_decoder_width=32,
-    num_prototypes=8,
-)
+# The tiny preset (place_tf/presets.py) as flat fields: tests and fault-injection runs
+# pass it as flags or TFX settings; the vocabulary size comes from the corpus or the caller.
+TINY_MODEL_FIELDS: dict[str, int] = presets.model_fields("tiny")
+
+
+def preset_model_config(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig of model preset `name` (place_tf/presets.py), `overrides` replacing
+    any field."""
+    return ModelConfig(**{**presets.model_fields(name), **overrides})
 
 
 def tiny_model_config(vocab_size: int = 64, **overrides: Any) -> ModelConfig:

@@ -38,9 +38,7 @@ cross-attention, MLP 4·q) with T queries of width q over S context tokens of wi
 
 from __future__ import annotations
 
-import dataclasses
-
-from place_tf.config import ModelConfig, ObjectiveConfig
+from place_tf.config import ModelConfig, ObjectiveConfig, preset_model_config
 
 # Components computed under stop_gradient: they cost one forward, no backward.
 NO_GRAD = ("cce_target", "ema_teacher")
@@ -167,32 +165,9 @@ def flops_report(mc: ModelConfig, objective, batch: int) -> dict:
     }
 
 
-# The shared reference benchmark's "full" config (ViT-B/16 + BERT-6, 112 tokens) and
-# "small" config, as ModelConfigs. Differences from ../shared/bench: grayscale input
-# (1 channel), projection heads W→4E→E instead of W→2048→128, no BERT pooler.
-BENCH_FULL = ModelConfig(
-    image_size=224,
-    patch_size=16,
-    vit_layers=12,
-    vit_heads=12,
-    vit_width=768,
-    vit_mlp=3072,
-    text_layers=6,
-    text_heads=12,
-    text_width=768,
-    text_mlp=3072,
-    vocab_size=28996,
-    max_length=112,
-    embed_dim=128,
-)
-BENCH_SMALL = dataclasses.replace(
-    BENCH_FULL,
-    vit_layers=4,
-    vit_heads=4,
-    vit_width=256,
-    vit_mlp=1024,
-    text_layers=2,
-    text_heads=4,
-    text_width=256,
-    text_mlp=1024,
-)
+# The shared reference benchmark's "full" and "small" configs are the base and small
+# presets. Differences from ../shared/bench: grayscale input (1 channel), projection heads
+# W→4E→E instead of W→2048→128, no BERT pooler.
+BENCH_VOCAB_SIZE = 28996
+BENCH_FULL = preset_model_config("base", vocab_size=BENCH_VOCAB_SIZE)
+BENCH_SMALL = preset_model_config("small", vocab_size=BENCH_VOCAB_SIZE)

@@ -18,6 +18,7 @@ import sys
 from absl import app, flags
 
 from place_tf import config as config_lib
+from place_tf import presets
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +53,12 @@ flags.DEFINE_integer("synthetic_seed", 0, "seed of the generated SynthCXR corpus
 flags.DEFINE_bool("export", True, "export the TF Serving SavedModel after training")
 flags.DEFINE_bool("probe", True, "linear-probe the frozen image embeddings at the end")
 flags.DEFINE_enum(
+    "model_preset",
+    "",
+    ["", *presets.MODEL_PRESETS],
+    "named model size (place_tf/presets.py); explicit model flags override its fields",
+)
+flags.DEFINE_enum(
     "objective",
     "place",
     ["convirt", "mgca", "place", "place_no_pcma", "place_no_cce"],
@@ -60,11 +67,15 @@ flags.DEFINE_enum(
 
 
 def configs_from_flags(overrides: dict | None = None):
-    """Configs from parsed flags: the flags' values, with --objective's preset for the
-    objective fields not given explicitly (on the command line or in a flag file)."""
+    """Configs from parsed flags: the flags' values, with --model_preset's fields and
+    --objective's preset for the fields not given explicitly (on the command line or in
+    a flag file)."""
     names = config_lib.field_names()
     obj_fields = {f.name for f in dataclasses.fields(config_lib.ObjectiveConfig)}
     values = {n: FLAGS[n].value for n in names if n not in obj_fields or FLAGS[n].present}
+    if FLAGS.model_preset:
+        preset = presets.model_fields(FLAGS.model_preset)
+        values.update({k: v for k, v in preset.items() if not FLAGS[k].present})
     values.update(overrides or {})
     return config_lib.Configs(**config_lib.from_flat(values, FLAGS.objective))
 

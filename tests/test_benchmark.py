@@ -96,19 +96,10 @@ def test_flops_reject_bad_inputs():
         flops.forward_flops(TINY, "nope", 2)
 
 
-def test_quickstart_config_read_from_flag_file():
+def test_quickstart_config_is_the_quickstart_preset():
     mc = bench.model_config("quickstart")
     assert (mc.image_size, mc.patch_size, mc.vit_layers, mc.vit_width) == (64, 8, 2, 128)
     assert (mc.text_layers, mc.max_length, mc.embed_dim, mc.num_queries) == (2, 48, 64, 8)
-
-
-def test_read_flagfile_errors_name_the_file(tmp_path):
-    bad = tmp_path / "x.flags"
-    bad.write_text("# c\n--a=1\n--nob\nnot a flag\n")
-    with pytest.raises(ValueError, match=r"x\.flags:4"):
-        bench.read_flagfile(str(bad))
-    bad.write_text("--a=1\n--nob\n--c\n")
-    assert bench.read_flagfile(str(bad)) == {"a": "1", "b": "false", "c": "true"}
 
 
 # ------------------------------------------------------------------ retracing

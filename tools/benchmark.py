@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import glob
 import importlib.metadata
@@ -51,7 +50,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 DEFAULT_OUT = os.path.join(REPO, "results", "bench")
-QUICKSTART_FLAGS = os.path.join(REPO, "configs", "quickstart.flags")
 RESULT_PREFIX = "RESULT "
 
 
@@ -215,62 +213,18 @@ def write_json(doc: dict, out_dir: str, name: str) -> str:
 # --------------------------------------------------------------------------- configs
 
 
-def read_flagfile(path: str) -> dict[str, str]:
-    """`--name=value` lines of an absl flag file (comments, --flagfile= and --[no]bool)."""
-    values: dict[str, str] = {}
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"flag file not found: {path}")
-    with open(path) as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if not line.startswith("--"):
-                raise ValueError(f"{path}:{n}: expected --name=value, got {line!r}")
-            name, eq, value = line[2:].partition("=")
-            if name == "flagfile":
-                inner = value if os.path.isabs(value) else os.path.join(REPO, value)
-                values.update(read_flagfile(inner))
-            elif eq:
-                values[name] = value
-            elif name.startswith("no"):
-                values[name[2:]] = "false"
-            else:
-                values[name] = "true"
-    return values
-
-
-def _typed(cls, values: dict[str, str]) -> dict:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v, default = values[f.name], f.default
-        if isinstance(default, bool):
-            out[f.name] = v.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[f.name] = int(v)
-        elif isinstance(default, float):
-            out[f.name] = float(v)
-        else:
-            out[f.name] = v
-    return out
-
-
 def model_config(name: str):
     """ModelConfig of a named benchmark config: tiny | quickstart | small | full."""
     from place_tf import flops
-    from place_tf.config import ModelConfig, tiny_model_config
+    from place_tf.config import preset_model_config, tiny_model_config
 
     if name == "tiny":
         return tiny_model_config()
     if name == "quickstart":
-        values = read_flagfile(QUICKSTART_FLAGS)
-        mc = ModelConfig(**_typed(ModelConfig, values))
         # The trainer takes the vocabulary size from the corpus; SynthCXR learns this many.
         from place_tf.data.synthetic import DEFAULT_VOCAB_SIZE
 
-        return dataclasses.replace(mc, vocab_size=DEFAULT_VOCAB_SIZE)
+        return preset_model_config("quickstart", vocab_size=DEFAULT_VOCAB_SIZE)
     if name == "full":
         return flops.BENCH_FULL
     if name == "small":
