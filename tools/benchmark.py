@@ -201,13 +201,11 @@ def _finish(doc: dict, t0: float) -> dict:
 
 def write_json(doc: dict, out_dir: str, name: str) -> str:
     """Atomically write out_dir/name.json (a *.tmp beside it, then rename)."""
+    from place_tf import fileio
+
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return fileio.write_json(path, doc, indent=1, sort_keys=False, newline=True)
 
 
 # --------------------------------------------------------------------------- configs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from place_tf.models.layers.observation_extractor import _attention_mask
+from place_tf.models.layers.observation_extractor import query_attention_mask
 from place_tf.models.layers.projection_head import l2_normalize
 
 
@@ -56,7 +56,7 @@ class TokenCrossAttention(keras.layers.Layer):
         txt_for_img = self.patch_attn(
             image_tokens,
             text_tokens,
-            attention_mask=_attention_mask(text_mask, image_tokens.shape[1]),
+            attention_mask=query_attention_mask(text_mask, image_tokens.shape[1]),
             training=training,
         )
         return l2_normalize(img_for_txt), l2_normalize(txt_for_img)

@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 
-def _attention_mask(context_mask, num_queries):
+def query_attention_mask(context_mask, num_queries):
     """[B, S] bool key padding mask → [B, T, S] MHA attention mask (None stays None)."""
     if context_mask is None:
         return None
@@ -124,7 +124,7 @@ class CrossAttentionBlock(keras.layers.Layer):
         h, scores = self.cross_attn(
             h,
             ctx,
-            attention_mask=_attention_mask(context_mask, query.shape[1]),
+            attention_mask=query_attention_mask(context_mask, query.shape[1]),
             return_attention_scores=True,
             training=training,
         )
