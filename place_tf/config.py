@@ -14,6 +14,22 @@ from typing import Any
 
 from place_tf import presets
 
+# The objective configs live with the objective table (objectives.py imports nothing).
+from place_tf.objectives import ObjectiveConfig, objective_config
+
+__all__ = [  # the re-exported names are part of this module's API
+    "Configs",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "TrainConfig",
+    "from_dict",
+    "from_flat",
+    "objective_config",
+    "preset_model_config",
+    "tiny_model_config",
+]
+
 
 @dataclasses.dataclass
 class DataConfig:
@@ -21,7 +37,7 @@ class DataConfig:
     # Alternatively explicit TFRecord globs (comma-separated), e.g. TFX Examples splits;
     # GZIP compression is detected from the ".gz" suffix.
     train_files: str = ""
-    eval_files: str = ""
+    eval_files: str = ""  # held-out examples for the end-of-run TensorBoard images
     image_size: int = 224
     max_length: int = 112  # report tokens, [CLS] and [SEP] included
     vocab_file: str = ""  # WordPiece vocabulary (one token per line)
@@ -76,24 +92,6 @@ def preset_model_config(name: str, **overrides: Any) -> ModelConfig:
 def tiny_model_config(vocab_size: int = 64, **overrides: Any) -> ModelConfig:
     """ModelConfig of the tiny model; `overrides` replace any of its fields."""
     return ModelConfig(**{**TINY_MODEL_FIELDS, "vocab_size": vocab_size, **overrides})
-
-
-@dataclasses.dataclass
-class ObjectiveConfig:
-    name: str = "place"  # convirt | mgca | place | place_no_pcma | place_no_cce
-    lambda_ita: float = 1.0
-    lambda_pcma: float = 1.0
-    lambda_cce: float = 1.0
-    lambda_cta: float = 1.0
-    lambda_cpa: float = 1.0
-    temperature_init: float = 0.07
-    learn_temperature: bool = True
-    cce_target_temperature: float = 0.05
-    cce_student_temperature: float = 0.1
-    cce_teacher: str = "stopgrad"  # "stopgrad" | "ema"
-    ema_momentum: float = 0.996
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
 
 
 @dataclasses.dataclass
@@ -152,11 +150,9 @@ def field_names() -> set[str]:
 def from_flat(values: dict, objective: str = "place") -> dict:
     """{"data": DataConfig, ...} from one flat dict of settings (CLI flags, TFX custom_config).
 
-    The objective starts from the named preset (place_tf.models.objectives); objective
-    keys in `values` override it. Unknown keys are an error naming them.
+    The objective starts from the named preset (place_tf.objectives); objective keys in
+    `values` override it. Unknown keys are an error naming them.
     """
-    from place_tf.models import objectives
-
     unknown = sorted(set(values) - field_names())
     if unknown:
         raise ValueError(f"unknown training settings: {unknown}")
@@ -165,7 +161,7 @@ def from_flat(values: dict, objective: str = "place") -> dict:
         names = {f.name for f in dataclasses.fields(cls)}
         picked = {k: v for k, v in values.items() if k in names}
         if section == "objective":
-            out[section] = objectives.objective_config(objective, **picked)
+            out[section] = objective_config(objective, **picked)
         else:
             out[section] = cls(**picked)
     return out

@@ -74,7 +74,7 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 def _terms(objective) -> tuple[tuple[str, ...], str]:
     """(active loss terms, cce_teacher) from an objective name or ObjectiveConfig."""
-    from place_tf.models import objectives
+    from place_tf import objectives
 
     if isinstance(objective, str):
         objective = objectives.objective_config(objective)

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 
 from place_tf import config as config_lib
-from place_tf import presets
+from place_tf import objectives, presets
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +61,7 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "objective",
     "place",
-    ["convirt", "mgca", "place", "place_no_pcma", "place_no_cce"],
+    list(objectives.OBJECTIVE_TABLE),
     "objective preset; explicit --lambda_* and other objective flags override it",
 )
 

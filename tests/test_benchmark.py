@@ -66,7 +66,7 @@ def test_place_flops_tiny_hand_computed():
 
 
 def test_ema_teacher_and_mgca_terms_are_counted():
-    from place_tf.models.objectives import objective_config
+    from place_tf.objectives import objective_config
 
     ema = objective_config("place", cce_teacher="ema")
     fwd = flops.forward_flops(TINY, ema, 2)

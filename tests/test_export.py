@@ -26,8 +26,8 @@ from place_tf import export
 from place_tf.config import tiny_model_config
 from place_tf.data import pipeline, schema
 from place_tf.data.tokenizer import ReportTokenizer
-from place_tf.models.objectives import objective_config
 from place_tf.models.place_model import PLACEModel
+from place_tf.objectives import objective_config
 
 TOL = 1e-5
 S = 32

@@ -17,8 +17,8 @@ from PIL import Image
 
 from place_tf import export
 from place_tf.config import tiny_model_config
-from place_tf.models.objectives import objective_config
 from place_tf.models.place_model import PLACEModel
+from place_tf.objectives import objective_config
 
 pytestmark = pytest.mark.slow
 

@@ -261,7 +261,7 @@ def build_train_step(spec: dict):
     `setup.build_train_state`, `step.build_train_step`).
     """
     from place_tf import config as config_lib
-    from place_tf.models import objectives
+    from place_tf import objectives
     from place_tf.training import setup
     from place_tf.training import step as step_lib
 
@@ -998,10 +998,10 @@ def cmd_serve(args) -> dict:
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (the SavedModel's tokenizer ops)
 
-    from place_tf import export
+    from place_tf import export, objectives
     from place_tf.data import synthetic
     from place_tf.data import tokenizer as tok
-    from place_tf.models import factory, objectives
+    from place_tf.models import factory
 
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)

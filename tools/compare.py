@@ -36,17 +36,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from place_tf import fileio  # noqa: E402
 from place_tf.evaluate.__main__ import TASKS as EVALUATE_TASKS  # noqa: E402
+from place_tf.objectives import OBJECTIVE_TABLE  # noqa: E402
 
-METHODS = ("random_init", "convirt", "mgca", "place", "place_no_pcma", "place_no_cce")
-METHOD_LABELS = {
-    "random_init": "Random init",
-    "convirt": "ConVIRT",
-    "mgca": "MGCA",
-    "place": "PLACE",
-    "place_no_pcma": "PLACE w/o PCMA",
-    "place_no_cce": "PLACE w/o CCE",
-}
+# The untrained baseline, then every pre-training objective (place_tf/objectives.py).
+METHODS = ("random_init", *OBJECTIVE_TABLE)
+METHOD_LABELS = {"random_init": "Random init", **{n: o.label for n, o in OBJECTIVE_TABLE.items()}}
 # Every task of `python -m place_tf.evaluate` (a stdlib-only module) but full fine-tuning,
 # which the comparison leaves out (it measures the frozen pre-trained encoders).
 TASKS = tuple(t for t in EVALUATE_TASKS if t != "finetune")
@@ -818,10 +814,7 @@ def record_invocation(work_dir: str, cfg: dict, started: float, seconds: float, 
             "ran": ran,
         }
     )
-    path = invocations_path(work_dir, cfg)
-    with open(path + ".tmp", "w") as f:
-        json.dump(items, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(invocations_path(work_dir, cfg), items, indent=1, sort_keys=False)
 
 
 def write_report(
@@ -870,9 +863,7 @@ def write_report(
         "plots": plots,
         "winners": {s["key"]: metric_winner(agg, s["key"], cfg["methods"]) for s in specs},
     }
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(_json_safe(report), f, indent=1, sort_keys=True, allow_nan=False)
-    os.replace(json_path + ".tmp", json_path)
+    fileio.write_json(json_path, _json_safe(report), indent=1, allow_nan=False)
     write_markdown(os.path.join(out_dir, "compare.md"), report)
     return report
 
@@ -883,9 +874,7 @@ def _write_record(path: str, key: str, result: dict, seconds: float) -> None:
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rec = {"settings_key": key, "wall_seconds": round(seconds, 2), "result": result}
-    with open(path + ".tmp", "w") as f:
-        json.dump(nan_to_none(rec), f, indent=1, sort_keys=True, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(path, nan_to_none(rec), indent=1, allow_nan=False)
 
 
 def _flat_settings(cfg: dict, run_dir: str, seed: int) -> dict:

@@ -23,6 +23,7 @@ import json
 import os
 from collections import Counter
 
+from place_tf import fileio
 from place_tf.data import schema
 
 MANIFEST_NAME = "manifest.json"
@@ -73,12 +74,7 @@ class Manifest:
             for info in self.splits.values():
                 for name in info.get("shards", []):
                     self.shard_checksums[name] = sha256_file(os.path.join(out_dir, name))
-        path = os.path.join(out_dir, MANIFEST_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-        return path
+        return fileio.write_json(os.path.join(out_dir, MANIFEST_NAME), self.to_json())
 
 
 def read_manifest(corpus_dir: str) -> dict:

@@ -36,6 +36,7 @@ import os
 
 import tensorflow as tf
 
+from place_tf.config import DataConfig
 from place_tf.data import manifest as manifest_lib
 from place_tf.data import schema
 
@@ -514,7 +515,7 @@ def make_dataset(
     *,
     shuffle_buffer: int = 2048,
     compression_type: str = "auto",
-    frontal_only: bool = False,
+    frontal_only: bool | None = None,
 ) -> tf.data.Dataset:
     """Batches of contract (a): image, token_ids, padding_mask, labels.
 
@@ -523,9 +524,12 @@ def make_dataset(
     (each pipeline yields `input_context.get_per_replica_batch_size(batch_size)`).
     `tokenizer`: a ReportTokenizer (strings [B] -> ids, mask). Skips are counted in
     `skip_counter` (a fresh one, also set as `dataset.skip_counter`, when None).
+    `frontal_only`: None = DataConfig's default (evaluation datasets keep every view).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if frontal_only is None:  # training's one default (a lateral view is not trained on)
+        frontal_only = DataConfig.frontal_only
     files = resolve_files(source, split)
     counter = skip_counter if skip_counter is not None else SkipCounter()
     repeat = training if repeat is None else repeat
@@ -598,6 +602,8 @@ def make_eval_dataset(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if frontal_only is None:  # training's one default (a lateral view is not trained on)
+        frontal_only = DataConfig.frontal_only
     files = resolve_files(source, split)
     counter = skip_counter if skip_counter is not None else SkipCounter()
     ds = _examples(

@@ -26,6 +26,7 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 
+from place_tf import fileio
 from place_tf.data import schema
 
 log = logging.getLogger(__name__)
@@ -152,12 +153,11 @@ def write_label_fraction_splits(
     paths = {}
     for f, ids in subsets.items():
         path = os.path.join(out_dir, split_file_name(f, split))
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(f"# place_tf label-fraction split: {split} fraction={f} seed={seed} ")
-            fh.write(f"mode={mode} n={len(ids)} of {len(set(e[0] for e in examples))}\n")
-            fh.writelines(i + "\n" for i in ids)
-        os.replace(tmp, path)
+        header = (
+            f"# place_tf label-fraction split: {split} fraction={f} seed={seed} "
+            f"mode={mode} n={len(ids)} of {len(set(e[0] for e in examples))}\n"
+        )
+        fileio.write_text(path, header + "".join(i + "\n" for i in ids))
         paths[f] = path
         log.info("split file %s: %d ids", os.path.basename(path), len(ids))
     return paths

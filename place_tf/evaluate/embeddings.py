@@ -15,7 +15,6 @@ no further encoder passes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import weakref
@@ -297,10 +296,9 @@ def write_result(result: dict, output: str, table: str | None = None) -> str:
         return ""
     d = os.path.dirname(os.path.abspath(output))
     os.makedirs(d, exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(nan_to_none(result), f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, output)
+    from place_tf import fileio
+
+    fileio.write_json(output, nan_to_none(result), allow_nan=False)
     if table is not None:
         md = os.path.splitext(output)[0] + ".md"
         with open(md, "w") as f:

@@ -28,13 +28,13 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from place_tf import objectives
 from place_tf.config import ModelConfig, ObjectiveConfig, from_dict, to_dict
 from place_tf.losses.cce import cce_loss
 from place_tf.losses.gather import replica_info
 from place_tf.losses.ita import ita_loss
 from place_tf.losses.mgca import cpa_loss, cta_loss
 from place_tf.losses.pcma import pcma_loss
-from place_tf.models import objectives
 from place_tf.models.image_encoders import build_image_encoder
 from place_tf.models.layers.correlation_decoder import CorrelationDecoder
 from place_tf.models.layers.mgca_heads import PrototypeLayer, TokenCrossAttention

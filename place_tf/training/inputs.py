@@ -14,16 +14,28 @@ def tokenizer(data_cfg):
     return tok.ReportTokenizer(vocab, max_length=data_cfg.max_length)
 
 
-def train_source(data_cfg):
-    """A corpus directory (with manifest) or the expanded --train_files globs."""
+def _expand(globs: str, flag: str) -> list[str]:
     import tensorflow as tf
 
+    files = sorted(f for g in globs.split(",") for f in tf.io.gfile.glob(g.strip()))
+    if not files:
+        raise FileNotFoundError(f"--{flag}={globs!r} matches no file")
+    return files
+
+
+def train_source(data_cfg):
+    """A corpus directory (with manifest) or the expanded --train_files globs."""
     if not data_cfg.train_files:
         return data_cfg.corpus_dir
-    files = sorted(f for g in data_cfg.train_files.split(",") for f in tf.io.gfile.glob(g.strip()))
-    if not files:
-        raise FileNotFoundError(f"--train_files={data_cfg.train_files!r} matches no file")
-    return files
+    return _expand(data_cfg.train_files, "train_files")
+
+
+def eval_source(data_cfg):
+    """Held-out examples: the expanded --eval_files globs (e.g. TFX's eval split), else
+    the corpus directory (whose manifest names its validate split)."""
+    if not data_cfg.eval_files:
+        return data_cfg.corpus_dir
+    return _expand(data_cfg.eval_files, "eval_files")
 
 
 def dataset_fn(cfg, tokenizer, global_batch: int, start_step: int = 0, skip_counter=None):

@@ -71,15 +71,17 @@ def _learning_rate(optimizer) -> float:
 
 
 def write_attention_images(writer, model, data_cfg, tokenizer, step, num_images: int = 4):
-    """Pathology-query attention maps over a few validation X-rays (images only)."""
+    """Pathology-query attention maps over a few held-out X-rays (images only): the
+    corpus's validate split, or --eval_files when given."""
     import numpy as np
     import tensorflow as tf
 
     from place_tf.data import pipeline
+    from place_tf.training import inputs
 
     try:
         ds = pipeline.make_eval_dataset(
-            data_cfg.corpus_dir,
+            inputs.eval_source(data_cfg),
             "validate",
             tokenizer,
             batch_size=num_images,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from absl import logging
 
+from place_tf import objectives
+
 # How each logged per-replica value combines across replicas. Contrastive terms are the
 # full global-batch loss on every replica (mean); per-example terms are each replica's
 # share local_sum / global_batch (sum); see place_tf/losses/gather.py.
@@ -28,13 +30,7 @@ def combine_logs(logs: dict, objective) -> dict:
     out = dict(logs)
     if "pcma_inter" in out and "pcma_slot" in out:
         out["pcma"] = 0.5 * (out["pcma_inter"] + out["pcma_slot"])
-    weights = {
-        "ita": objective.lambda_ita,
-        "pcma": objective.lambda_pcma,
-        "cce": objective.lambda_cce,
-        "cta": objective.lambda_cta,
-        "cpa": objective.lambda_cpa,
-    }
+    weights = objectives.term_weights(objective)
     terms = [w * out[k] for k, w in weights.items() if w and k in out]
     if terms:
         out["loss"] = sum(terms[1:], terms[0])

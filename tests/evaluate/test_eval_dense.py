@@ -413,8 +413,8 @@ def corpus(tmp_path_factory):
 def tiny_model(corpus):
     import keras
 
+    from place_tf import objectives
     from place_tf.data import tokenizer as tok
-    from place_tf.models import objectives
     from place_tf.models.place_model import PLACEModel
 
     keras.utils.set_random_seed(0)
@@ -520,7 +520,7 @@ def test_report_generation_end_to_end(corpus, tiny_model):
 def test_resnet_features_give_unet_skips_consistent_with_patch_tokens():
     import keras
 
-    from place_tf.models import objectives
+    from place_tf import objectives
     from place_tf.models.place_model import PLACEModel
 
     keras.utils.set_random_seed(0)

@@ -10,14 +10,14 @@ import pytest
 import tensorflow as tf
 
 from place_tf.config import ObjectiveConfig, tiny_model_config
-from place_tf.models.objectives import (
+from place_tf.models.place_model import PLACEModel, num_visible_patches
+from place_tf.objectives import (
     OBJECTIVE_TERMS,
     OBJECTIVES,
     active_terms,
     loss_keys,
     objective_config,
 )
-from place_tf.models.place_model import PLACEModel, num_visible_patches
 
 
 def tiny(**overrides):

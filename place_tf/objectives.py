@@ -1,33 +1,63 @@
-"""Objective presets: which loss terms an objective uses, and their λ weights.
+"""Objectives: the one table of the pre-training methods (their loss terms and display
+names), the ObjectiveConfig, and its presets.
 
 The objective's NAME fixes the set of terms; each term's λ weights it, and a term whose
 λ is 0 is skipped entirely (its branch is neither built nor run). So a plain
 `ObjectiveConfig()` (name "place") trains ITA + PCMA + CCE even though its λ_cta/λ_cpa
-fields default to 1.
+fields default to 1. The CLI's --objective choices, the comparison's methods and the
+logged total loss all derive from OBJECTIVE_TABLE.
+
+This module imports nothing of the project: config.py re-exports ObjectiveConfig and
+objective_config, and the models read the table, without an import cycle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from place_tf.config import ObjectiveConfig, from_dict
-
+# Every loss term, in the order the total loss sums them.
 TERMS = ("ita", "pcma", "cce", "cta", "cpa")
 
-OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {
-    "convirt": ("ita",),
-    "mgca": ("ita", "cta", "cpa"),
-    "place": ("ita", "pcma", "cce"),
-    "place_no_pcma": ("ita", "cce"),
-    "place_no_cce": ("ita", "pcma"),
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    terms: tuple[str, ...]
+    label: str  # how reports and plots name the method
+
+
+OBJECTIVE_TABLE: dict[str, Objective] = {
+    "convirt": Objective(("ita",), "ConVIRT"),
+    "mgca": Objective(("ita", "cta", "cpa"), "MGCA"),
+    "place": Objective(("ita", "pcma", "cce"), "PLACE"),
+    "place_no_pcma": Objective(("ita", "cce"), "PLACE w/o PCMA"),
+    "place_no_cce": Objective(("ita", "pcma"), "PLACE w/o CCE"),
 }
-OBJECTIVES = set(OBJECTIVE_TERMS)
+OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {n: o.terms for n, o in OBJECTIVE_TABLE.items()}
+OBJECTIVES = set(OBJECTIVE_TABLE)
 
 CCE_TEACHERS = ("stopgrad", "ema")
 
 
+@dataclasses.dataclass
+class ObjectiveConfig:
+    name: str = "place"  # a key of OBJECTIVE_TABLE
+    lambda_ita: float = 1.0
+    lambda_pcma: float = 1.0
+    lambda_cce: float = 1.0
+    lambda_cta: float = 1.0
+    lambda_cpa: float = 1.0
+    temperature_init: float = 0.07
+    learn_temperature: bool = True
+    cce_target_temperature: float = 0.05
+    cce_student_temperature: float = 0.1
+    cce_teacher: str = "stopgrad"  # "stopgrad" | "ema"
+    ema_momentum: float = 0.996
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+
+
 def _check_name(name: str) -> None:
-    if name not in OBJECTIVE_TERMS:
+    if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVES)}")
 
 
@@ -39,7 +69,10 @@ def objective_config(name: str, **overrides) -> ObjectiveConfig:
     if "name" in overrides and overrides["name"] != name:
         raise ValueError(f"objective_config({name!r}) got a conflicting name={overrides['name']!r}")
     fields.update(overrides)
-    cfg = from_dict(ObjectiveConfig, {**dataclasses.asdict(ObjectiveConfig()), **fields})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ObjectiveConfig)})
+    if unknown:
+        raise ValueError(f"unknown ObjectiveConfig fields: {unknown}")
+    cfg = ObjectiveConfig(**{**dataclasses.asdict(ObjectiveConfig()), **fields})
     validate(cfg)
     return cfg
 
@@ -58,6 +91,11 @@ def validate(cfg: ObjectiveConfig) -> None:
         raise ValueError("ObjectiveConfig.temperature_init must be > 0")
     if not 0.0 <= cfg.ema_momentum <= 1.0:
         raise ValueError("ObjectiveConfig.ema_momentum must be in [0, 1]")
+
+
+def term_weights(cfg: ObjectiveConfig) -> dict[str, float]:
+    """{term: λ} of every term (the total loss is the λ-weighted sum of the active ones)."""
+    return {t: getattr(cfg, f"lambda_{t}") for t in TERMS}
 
 
 def active_terms(cfg: ObjectiveConfig) -> tuple[str, ...]:
