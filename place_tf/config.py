@@ -151,8 +151,14 @@ def from_flat(values: dict, objective: str = "place") -> dict:
     """{"data": DataConfig, ...} from one flat dict of settings (CLI flags, TFX custom_config).
 
     The objective starts from the named preset (place_tf.objectives); objective keys in
-    `values` override it. Unknown keys are an error naming them.
+    `values` override it. A "model_preset" key starts the model from that preset
+    (place_tf/presets.py); model keys in `values` override it. Unknown keys are an error
+    naming them.
     """
+    values = dict(values)
+    preset = values.pop("model_preset", "")
+    if preset:
+        values = {**presets.model_fields(preset), **values}
     unknown = sorted(set(values) - field_names())
     if unknown:
         raise ValueError(f"unknown training settings: {unknown}")

@@ -1,5 +1,5 @@
-"""Benchmark suite: FLOP formulas (hand-computed), JSON outputs of tools/benchmark.py, and
-no retracing of the trainer's step after warm-up."""
+"""Benchmark suite: FLOP formulas (hand-computed), JSON outputs of tools/benchmark.py (the
+CLI over place_tf/bench/), and no retracing of training's step after warm-up."""
 
 import dataclasses
 import importlib.util
@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from place_tf import flops
+from place_tf.bench import results, train_worker
+from place_tf.bench import train as bench_train
 from place_tf.config import tiny_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +99,7 @@ def test_flops_reject_bad_inputs():
 
 
 def test_quickstart_config_is_the_quickstart_preset():
-    mc = bench.model_config("quickstart")
+    mc = train_worker.model_config("quickstart")
     assert (mc.image_size, mc.patch_size, mc.vit_layers, mc.vit_width) == (64, 8, 2, 128)
     assert (mc.text_layers, mc.max_length, mc.embed_dim, mc.num_queries) == (2, 48, 64, 8)
 
@@ -112,11 +114,11 @@ def test_train_step_does_not_retrace_after_warmup():
         config="tiny", objective="convirt", xla=False, precision="fp32", replicas=1,
         global_batch=4, seed=0,
     )  # fmt: skip
-    step, model, strategy, _, cfgs = bench.build_train_step(spec)
-    loss_traces = bench.count_loss_traces(model)
+    step, model, strategy, _, cfgs = train_worker.build_train_step(spec)
+    loss_traces = train_worker.count_loss_traces(model)
     assert step.experimental_get_tracing_count() == 0
     batches = [
-        bench.distribute_batch(strategy, bench.random_batch(cfgs.model, 4, seed))
+        train_worker.distribute_batch(strategy, train_worker.random_batch(cfgs.model, 4, seed))
         for seed in range(4)
     ]
     first = float(step(batches[0])["loss"])
@@ -145,7 +147,7 @@ def _run_tool(*args, timeout=600):
 
 
 def _check_common(doc, benchmark):
-    for k in bench.COMMON_KEYS:
+    for k in results.COMMON_KEYS:
         assert k in doc, k
     assert doc["benchmark"] == benchmark
     m = doc["machine"]
@@ -161,7 +163,7 @@ def test_train_subcommand_writes_documented_json(tmp_path):
     doc = json.loads((tmp_path / "train.json").read_text())
     _check_common(doc, "train")
     (r,) = doc["results"]
-    for k in bench.TRAIN_KEYS:
+    for k in results.TRAIN_KEYS:
         assert k in r, k
     assert (r["config"], r["objective"], r["xla"], r["replicas"]) == ("tiny", "convirt", False, 1)
     assert r["global_batch"] == 8 and len(r["step_s"]) == r["steps"] == 2
@@ -194,7 +196,7 @@ def test_input_subcommand_writes_json_with_train_ratio(tmp_path):
     assert bench.main(args) == 0
     doc = json.loads((tmp_path / "input.json").read_text())
     _check_common(doc, "input")
-    for k in bench.INPUT_KEYS:
+    for k in results.INPUT_KEYS:
         assert k in doc, k
     assert doc["image_size"] == 64 and doc["augment"] is True
     assert len(doc["batch_s"]) == doc["batches"] == 3
@@ -228,7 +230,7 @@ def test_summary_ratios_and_reference():
              train_gflop_per_step=3063.0),
         dict(base, objective="place", replicas=2, error="worker exited with code 1"),
     ]  # fmt: skip
-    s = bench.summarize_train(results)
+    s = bench_train.summarize_train(results)
     (ratio,) = s["place_over_convirt_step_time"]
     assert ratio["ratio"] == 1.4 and ratio["flop_ratio"] == pytest.approx(1.427, abs=1e-3)
     (ref,) = s["vs_reference"]
@@ -252,7 +254,7 @@ def test_serve_subcommand_writes_latency_by_batch(tmp_path):
     _run_tool("serve", "--quick", "--out_dir", str(tmp_path))
     doc = json.loads((tmp_path / "serve.json").read_text())
     _check_common(doc, "serve")
-    for k in bench.SERVE_KEYS:
+    for k in results.SERVE_KEYS:
         assert k in doc, k
     assert [b["batch"] for b in doc["by_batch"]] == [1, 4]
     for b in doc["by_batch"]:

@@ -39,6 +39,16 @@ def test_every_preset_field_is_a_model_field_and_unknown_names_fail():
     assert (flops.BENCH_SMALL.vit_layers, flops.BENCH_SMALL.vit_width) == (4, 256)
 
 
+def test_from_flat_takes_a_model_preset_and_explicit_settings_override_it():
+    cfgs = config.from_flat({"model_preset": "quickstart", "vit_layers": 3, "max_steps": 5})
+    model = dataclasses.asdict(cfgs["model"])
+    expected = dict(QUICKSTART_BEFORE, vit_layers=3)
+    assert {k: model[k] for k in expected} == expected
+    assert cfgs["data"].image_size == 64 and cfgs["train"].max_steps == 5
+    with pytest.raises(ValueError, match="unknown model preset"):
+        config.from_flat({"model_preset": "huge"})
+
+
 _PARSE = textwrap.dedent(
     """
     import dataclasses, json, sys
