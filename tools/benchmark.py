@@ -53,7 +53,7 @@ def cmd_all(args) -> dict:
     if args.quick:
         train = ["train", "--configs", "tiny", "--objectives", "convirt,place"]
     else:
-        # ≈ 13 min on 2 idle CPU cores: the key comparisons only (README "Performance");
+        # The key comparisons only (README "Performance");
         # the full matrix is `train --xla on,off --precision fp32,bf16 --replicas 1,2`.
         train = ["train", "--configs", "quickstart,full", "--objectives", "convirt,place"]
     rcs = {

@@ -26,7 +26,7 @@ REFERENCE = {
 }
 
 
-# (warm-up, timed) steps per config: ViT-B/16 steps take ~20-40 s on 2 CPU cores.
+# (warm-up, timed) steps per config: fewer for the sizes whose CPU steps take seconds.
 DEFAULT_STEPS = {"full": (1, 3), "small": (2, 5), "quickstart": (3, 10), "tiny": (2, 10)}
 
 
