@@ -106,7 +106,7 @@ class TrainConfig:
     beta_1: float = 0.9
     beta_2: float = 0.999
     warmup_steps: int = 0
-    strategy: str = "default"  # default | mirrored | multiworker | tpu
+    strategy: str = "default"  # default | one_device | mirrored | multiworker | tpu
     num_cpu_devices: int = 0  # >1: split the CPU into logical devices (tests, benchmarks)
     jit_compile: bool = True
     mixed_precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16

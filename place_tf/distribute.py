@@ -1,7 +1,8 @@
 """tf.distribute strategy from a TrainConfig, and logical CPU devices for tests/benchmarks.
 
-Strategies: "default" (one device), "mirrored" (all local GPUs, else the logical CPU
-devices), "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG), "tpu" (TPUStrategy
+Strategies: "default" (one device: the first GPU through "one_device" when there is one,
+else TF's default strategy), "one_device" (OneDeviceStrategy on the first GPU, else the
+CPU), "mirrored" (all local GPUs, else the logical CPU devices), "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG), "tpu" (TPUStrategy
 from a TPUClusterResolver; `PLACE_TPU` names the TPU, empty = local).
 
 All-reduce: NCCL between GPUs (in one process and across workers); NCCL has no CPU
@@ -45,6 +46,11 @@ def all_reduce_choice(device_types) -> str:
     return "NCCL" if any(str(t).upper() == "GPU" for t in device_types) else "RING"
 
 
+def single_device(gpu_names) -> str:
+    """The device of a one-replica run: the first GPU, else the CPU ("")."""
+    return gpu_names[0] if gpu_names else ""
+
+
 def _local_device_types() -> list[str]:
     # Physical devices: listing them does not initialise the TF runtime, which
     # MultiWorkerMirroredStrategy must configure first.
@@ -58,9 +64,16 @@ def make_strategy(strategy: str, num_cpu_devices: int = 0):
 
     if num_cpu_devices > 1:
         configure_cpu_devices(num_cpu_devices)
+    choice = all_reduce_choice(_local_device_types())
+    if strategy == "default" and choice == "NCCL":
+        strategy = "one_device"  # a GPU: see "one_device"
     if strategy == "default":
         return tf.distribute.get_strategy()
-    choice = all_reduce_choice(_local_device_types())
+    if strategy == "one_device":
+        # Unlike TF's default strategy, OneDeviceStrategy's distributed datasets prefetch
+        # the next batches onto the device while a step runs (no host-to-GPU copy in it).
+        device = single_device([d.name for d in tf.config.list_logical_devices("GPU")])
+        return tf.distribute.OneDeviceStrategy(device or "/cpu:0")
     if strategy == "mirrored":
         if choice == "NCCL":
             gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
@@ -94,7 +107,9 @@ def make_strategy(strategy: str, num_cpu_devices: int = 0):
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"unknown strategy {strategy!r}: use default, mirrored, multiworker or tpu")
+    raise ValueError(
+        f"unknown strategy {strategy!r}: use default, one_device, mirrored, multiworker or tpu"
+    )
 
 
 def is_chief(strategy) -> bool:

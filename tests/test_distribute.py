@@ -18,6 +18,12 @@ def test_all_reduce_choice_from_device_list():
     assert distribute.all_reduce_choice([]) == "RING"
 
 
+def test_one_replica_runs_on_the_first_gpu_else_the_cpu():
+    assert distribute.single_device([]) == ""
+    gpus = ["/device:GPU:0", "/device:GPU:1"]
+    assert distribute.single_device(gpus) == "/device:GPU:0"
+
+
 # In a fresh process: the CPU must be split into logical devices before TF initialises.
 _PLACEMENT = textwrap.dedent(
     """

@@ -34,6 +34,20 @@ def _train(tiny_corpus, model_dir, **overrides):
 
 
 @pytest.mark.slow
+def test_one_device_strategy_trains_as_the_default_strategy(tiny_corpus, tmp_path, global_tf_state):
+    """OneDeviceStrategy (what `default` becomes on a GPU host, for its device prefetch)
+    runs the same steps as TF's default strategy: here both on the CPU."""
+    settings = dict(max_steps=3, log_every=1, learning_rate=1e-3)
+    base, t_base, _ = _train(tiny_corpus, str(tmp_path / "default"), **settings)
+    one, t_one, reads = _train(
+        tiny_corpus, str(tmp_path / "one"), strategy="one_device", **settings
+    )
+    assert reads == [1, 2, 3] and one["replicas"] == 1 and one["steps"] == 3
+    for a, b in zip(t_base.model.weights, t_one.model.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+@pytest.mark.slow
 def test_host_reads_only_every_log_every_steps_and_steps_per_call_trains_alike(
     tiny_corpus, tmp_path, global_tf_state
 ):
