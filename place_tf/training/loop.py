@@ -213,8 +213,10 @@ class Trainer:
                         "overflow_steps": fetched["overflow_steps"],
                     }
                     if values["bad_steps"] > t.max_bad_steps:
-                        saver.save(n)
-                    guards.check_bad_steps(values["bad_steps"], t.max_bad_steps, n, saver.ckpt_dir)
+                        saver.save(n)  # the stop's checkpoint, then the error naming it
+                        guards.check_bad_steps(
+                            values["bad_steps"], t.max_bad_steps, n, saver.ckpt_dir
+                        )
                     log.write(n, fetched)
                 log.tick(n)
                 if crossed(t.checkpoint_every):
