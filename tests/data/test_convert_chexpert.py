@@ -101,7 +101,9 @@ def converted(tmp_path_factory):
     images = make_tree(root)
     exclude = str(base / "exclude.csv")
     _write(exclude, f"Path\n{PREFIX}/train/patient00006/study1/view1_frontal.jpg\n".encode())
-    conv = chexpert.ChexpertConverter(root, uncertain_policy="ones", exclude=exclude)
+    conv = chexpert.ChexpertConverter(
+        root, uncertain_policy="ones", exclude=exclude, validate_holdout=0
+    )
     bs.run_conversion(conv, out, shards=1, eval_shards=1, beam_args=BEAM_ARGS)
     return root, out, images
 
@@ -110,10 +112,11 @@ def test_counts_and_skips(converted):
     _, out, _ = converted
     m = manifest.read_manifest(out)
     assert m["source"] == "chexpert"
+    # No test.csv: valid.csv is the test split (MGCA); no hold-out asked for here.
     assert {s: v["examples"] for s, v in m["splits"].items()} == {
         "train": 2,
-        "validate": 1,
-        "test": 0,
+        "validate": 0,
+        "test": 1,
     }
     assert m["skipped"] == {
         "view_not_selected": 1,
@@ -142,7 +145,7 @@ def test_records_use_relative_ids_and_the_uncertain_policy(converted):
     want[schema.label_index("Cardiomegaly")] = 1  # -1.0 under "ones"
     want[schema.label_index("Edema")] = 0
     assert list(r.chexpert) == want
-    assert recs["valid/patient64541/study1/view1_frontal.jpg"].split == "validate"
+    assert recs["valid/patient64541/study1/view1_frontal.jpg"].split == "test"
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,17 @@ def convert(source: str, input_dir: str, output_dir: str, **kwargs) -> dict:
     """
     from place_tf.data.convert import beam_skeleton
 
-    run_keys = ("shards", "eval_shards", "beam_args", "overwrite", "checksum_shards")
+    run_keys = (
+        "shards",
+        "eval_shards",
+        "beam_args",
+        "overwrite",
+        "checksum_shards",
+        "target_shard_bytes",
+        "examples_per_shard",
+        "vocab_size",
+        "splits_from",
+    )
     run_kwargs = {k: kwargs.pop(k) for k in run_keys if k in kwargs}
     conv = converter_class(source)(input_dir, **kwargs)
     return beam_skeleton.run_conversion(conv, output_dir, **run_kwargs)

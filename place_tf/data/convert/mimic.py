@@ -112,6 +112,11 @@ class MimicConverter(bs.Converter):
     def from_args(cls, args) -> MimicConverter:
         return cls(args.input, args.reports_dir, args.views, args.uncertain_policy)
 
+    def split_file_key(self, value: str) -> str:
+        """'files/p10/p10000032/s50414267/<dicom_id>.jpg' or '<dicom_id>' -> dicom_id."""
+        name = super().split_file_key(value)
+        return name[: -len(".jpg")] if name.endswith(".jpg") else name
+
     def check_layout(self) -> None:
         hint = "pass the MIMIC-CXR-JPG 2.0.0 folder (physionet.org/files/mimic-cxr-jpg/2.0.0)"
         for name in (METADATA_CSV, SPLIT_CSV, CHEXPERT_CSV):

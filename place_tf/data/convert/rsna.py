@@ -123,6 +123,11 @@ class RsnaConverter(bs.Converter):
             args.input, args.box_label, args.split_fractions, args.labels_csv, args.images_dir
         )
 
+    def split_file_key(self, value: str) -> str:
+        """'<patientId>' or '.../<patientId>.dcm' -> patientId."""
+        name = super().split_file_key(value)
+        return name[: -len(".dcm")] if name.endswith(".dcm") else name
+
     def check_layout(self) -> None:
         hint = "pass the unzipped rsna-pneumonia-detection-challenge folder"
         bs.require_file(self.input_dir, self.labels_csv, hint)
