@@ -494,3 +494,62 @@ def test_object_cxr_detection_and_linear(work, mimic_run):
     assert det["labels"] == ["Support Devices"] and _finite_in_unit(det["map"])
     lin = evaluate("linear", run, out, str(work / "obj_linear.json"), "--fraction=1.0")
     assert lin["protocol"] == "binary" and lin["n_test"] == 6
+
+
+# ------------------------------------------------------------------ IU X-Ray (R2Gen)
+def test_iu_xray_r2gen_annotation_report_generation(work, mimic_run):
+    """R2Gen's iu_xray/ (annotation.json + images/<id>/0.png, 1.png) -> report_generation
+    on its standard train / val / test lists."""
+    root, out = str(work / "iu_xray"), str(work / "iu")
+    sentences = ("The heart is normal in size.", "No pleural effusion.", "Lungs are clear.")
+    ann = {"train": [], "val": [], "test": []}
+    for i in range(18):
+        key = "train" if i < 12 else ("val" if i < 15 else "test")
+        uid = f"CXR{3000 + i}_IM-{1400 + i}"
+        report = " ".join(sentences[j % 3] for j in range(i % 3 + 1))
+        paths = [f"{uid}/0.png", f"{uid}/1.png"]  # frontal first, then lateral
+        ann[key].append({"id": uid, "report": report, "image_path": paths, "split": key})
+        for k, rel in enumerate(paths):
+            _write(os.path.join(root, "images", rel), _image(300 + 2 * i + k, 48, 48, "PNG"))
+    _write(os.path.join(root, "annotation.json"), json.dumps(ann).encode())
+    m = convert("r2gen", root, out, "--source_name=iu_xray")
+    assert {s: v["examples"] for s, v in m["splits"].items()} == {
+        "train": 12,
+        "validate": 3,
+        "test": 3,
+    }
+    _, run, _, _ = mimic_run
+    r = evaluate("report_generation", run, out, str(work / "iu_rg.json"), "--epochs=1")
+    assert (r["train_examples"], r["test_examples"]) == (12, 3)
+    for k in ("bleu_1", "bleu_4", "rouge_l"):
+        assert _finite_in_unit(r[k]), (k, r[k])
+
+
+# ------------------------------------------------------------------ COVIDx
+def test_covidx_multiclass_linear(work, mimic_run):
+    """COVIDx CXR-2 lines "patient_id filename class source" (normal / pneumonia / COVID-19)."""
+    root, out = str(work / "COVIDx"), str(work / "covidx")
+    classes = ("normal", "pneumonia", "COVID-19")
+    lines = {"train.txt": [], "test.txt": []}
+    split_rows = []
+    for i in range(27):
+        txt, folder = ("train.txt", "train") if i < 21 else ("test.txt", "test")
+        name = f"img{i:03d}.png" if i % 2 else f"img{i:03d}.jpg"
+        lines[txt].append(f"{1000 + i} {name} {classes[i % 3]} rsna")
+        fmt = "PNG" if name.endswith("png") else "JPEG"
+        _write(os.path.join(root, folder, name), _image(800 + i, 40, 40, fmt, bright=i % 3 > 0))
+        split_rows.append([name, "test" if i >= 21 else ("validate" if i >= 15 else "train")])
+    for txt, ls in lines.items():
+        _write(os.path.join(root, txt), ("\n".join(ls) + "\n").encode())
+    split_csv = str(work / "covidx_split.csv")
+    _write(split_csv, _csv_text(["filename", "split"], split_rows).encode())
+    m = convert("covidx", root, out, f"--splits_from={split_csv}")
+    assert {s: v["examples"] for s, v in m["splits"].items()} == {
+        "train": 15,
+        "validate": 6,
+        "test": 6,
+    }
+    _, run, _, _ = mimic_run
+    lin = evaluate("linear", run, out, str(work / "covidx_linear.json"), "--fraction=1.0")
+    assert lin["protocol"] == "multiclass" and lin["n_test"] == 6
+    assert _finite_in_unit(lin["fractions"]["1"]["accuracy"])
