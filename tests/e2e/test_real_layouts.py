@@ -35,7 +35,7 @@ import pytest
 from PIL import Image
 
 from place_tf.config import TINY_MODEL_FIELDS
-from place_tf.data import manifest, schema, tokenizer
+from place_tf.data import manifest, schema, splits, tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -248,6 +248,18 @@ def test_mimic_convert_writes_vocabulary_and_shards_that_follow_the_data(mimic_r
     assert m["generator"]["vocab_file"] == "vocab.txt"
     assert {"cardiomegaly", "effusion", "heart"} <= set(vocab)  # words of the train reports
     assert "technique" not in vocab  # only FINDINGS + IMPRESSION are learned from
+    # The seeded 1 / 10 / 100 % label-fraction files, written by the converter.
+    assert m["generator"]["label_fraction_splits"] == {
+        "0.01": "train_1pct.txt",
+        "0.1": "train_10pct.txt",
+        "1": "train_100pct.txt",
+    }
+    ids = splits.load_split_ids(os.path.join(corpus, "splits", "train_100pct.txt"))
+    assert len(ids) == expected["train"] == len(set(ids))
+    # 1 % of 24 rounds to 0: the subset keeps the first positive of each label that has
+    # one (place_tf.data.splits): a sick image covers Cardiomegaly and Pleural Effusion at
+    # once, a normal one No Finding -> 2 images.
+    assert len(splits.load_split_ids(os.path.join(corpus, "splits", "train_1pct.txt"))) == 2
 
 
 def test_mimic_train_export_then_evaluate_linear(mimic_run, work):

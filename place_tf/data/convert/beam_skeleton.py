@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 METRICS_NAMESPACE = "place_tf.convert"
 STATS_PREFIX = "_convert_stats"
 VOCAB_TEXTS_PREFIX = "_vocab_texts"  # temporary: train reports, deleted after learning
+TRAIN_LABELS_PREFIX = "_train_labels"  # temporary: (id, class, labels) of the train split
 VOCAB_NAME = "vocab.txt"
 DEFAULT_VOCAB_SIZE = 30522  # DataConfig.vocab_size, BERT's
 # Shards follow the data: a split gets ceil(its bytes / TARGET_SHARD_BYTES) shards, its
@@ -496,11 +497,13 @@ class Converter:
     def convert_row(self, row: dict | Skipped) -> tuple[str, bytes] | Skipped:
         """(split, serialized tf.train.Example) or Skipped, for one row (see
         `convert_row_with_text`)."""
-        out = self.convert_row_with_text(row)
+        out = self.convert_row_with_record(row)
         return out if isinstance(out, Skipped) else out[:2]
 
-    def convert_row_with_text(self, row: dict | Skipped) -> tuple[str, bytes, str] | Skipped:
-        """(split, serialized tf.train.Example, report text) or Skipped, for one row.
+    def convert_row_with_record(
+        self, row: dict | Skipped
+    ) -> tuple[str, bytes, schema.ExampleRecord] | Skipped:
+        """(split, serialized tf.train.Example, its record) or Skipped, for one row.
 
         Image/report/parse problems become their skip reasons. Any other exception (a bug,
         or a file no check foresaw) is counted as "conversion_error" and logged with its
@@ -518,8 +521,7 @@ class Converter:
                 raise ValueError(f"example split {out.split!r} not in {self.splits}")
             if not out.source:
                 out.source = self.name
-            text = schema.report_text(out.findings or "", out.impression or "")
-            return out.split, schema.to_example(out).SerializeToString(), text
+            return out.split, schema.to_example(out).SerializeToString(), out
         except SkipError as e:
             return Skipped(e.reason, f"{key}: {e}")
         except ParseError as e:
@@ -634,7 +636,8 @@ LOG_EVERY = 1000
 
 class ConvertFn(beam.DoFn):
     """Row -> (split, serialized Example) on the main output, or a skip reason on 'skipped';
-    with `train_reports`, the train split's report text (one line) on 'reports' too."""
+    for the train split also (image id, class, CheXpert labels) as JSON on 'train_labels'
+    and, with `train_reports`, the report text (one line) on 'reports'."""
 
     def __init__(self, conv: Converter, train_reports: bool = False):
         self.conv = conv
@@ -646,19 +649,23 @@ class ConvertFn(beam.DoFn):
 
     def process(self, row):
         self._rows.inc()
-        out = self.conv.convert_row_with_text(row)
+        out = self.conv.convert_row_with_record(row)
         if isinstance(out, Skipped):
             Metrics.counter(METRICS_NAMESPACE, f"skipped_{out.reason}").inc()
             log.debug("%s: skipped (%s) %s", self.conv.name, out.reason, out.detail)
             self._seen["skipped"] += 1
             yield beam.pvalue.TaggedOutput("skipped", out.reason)
         else:
-            split, serialized, text = out
+            split, serialized, rec = out
             Metrics.counter(METRICS_NAMESPACE, f"examples_{split}").inc()
             self._seen["examples"] += 1
             yield split, serialized
-            if self.train_reports and split == "train" and text:
-                yield beam.pvalue.TaggedOutput("reports", " ".join(text.split()))
+            if split == "train":
+                labels = [rec.image_id, int(rec.class_label), [int(v) for v in rec.chexpert]]
+                yield beam.pvalue.TaggedOutput("train_labels", json.dumps(labels))
+                text = schema.report_text(rec.findings or "", rec.impression or "")
+                if self.train_reports and text:
+                    yield beam.pvalue.TaggedOutput("reports", " ".join(text.split()))
         n = self._seen["examples"] + self._seen["skipped"]
         if n % LOG_EVERY == 0:
             log.info(
@@ -690,7 +697,10 @@ def build_pipeline(
         | "Redistribute" >> beam.Reshuffle()
     )
     results = rows | "Convert" >> beam.ParDo(ConvertFn(conv, train_reports)).with_outputs(
-        "skipped", "reports", main="examples"
+        "skipped", "reports", "train_labels", main="examples"
+    )
+    results.train_labels | "WriteTrainLabels" >> beam.io.WriteToText(
+        join(output_dir, TRAIN_LABELS_PREFIX), file_name_suffix=".txt", shard_name_template=""
     )
     examples, skipped = results.examples, results.skipped
     if train_reports:
@@ -759,7 +769,9 @@ def _clear_output(output_dir: str, overwrite: bool) -> None:
         old
         + match(join(output_dir, STATS_PREFIX + "*"))
         + match(join(output_dir, VOCAB_TEXTS_PREFIX + "*"))
+        + match(join(output_dir, TRAIN_LABELS_PREFIX + "*"))
         + match(join(output_dir, VOCAB_NAME))
+        + match(join(output_dir, "splits", "*.txt"))
     )
 
 
@@ -872,6 +884,27 @@ def learn_corpus_vocabulary(conv: Converter, output_dir: str, vocab_size: int) -
     }
 
 
+def write_fraction_splits(conv: Converter, output_dir: str, seed: int = 0) -> dict:
+    """`<corpus>/splits/train_{1,10,100}pct.txt` (place_tf.data.splits) from the train
+    split's (id, class, labels) the pipeline wrote to a temporary file (then deleted)."""
+    from place_tf.data import splits as splits_lib
+
+    paths = match(join(output_dir, TRAIN_LABELS_PREFIX + "*"))
+    try:
+        examples = [
+            tuple(json.loads(ln)) for p in paths for ln in read_text(p).splitlines() if ln.strip()
+        ]
+    finally:
+        delete(paths)
+    if not examples:
+        return {}
+    if _is_remote(output_dir):
+        log.info("%s: split files are written for local corpora only", conv.name)
+        return {}
+    written = splits_lib.write_label_fraction_splits(output_dir, seed=seed, examples=examples)
+    return {f"{f:g}": os.path.basename(p) for f, p in written.items()}
+
+
 def run_conversion(
     conv: Converter,
     output_dir: str,
@@ -936,6 +969,7 @@ def run_conversion(
     counts = json.loads(lines[0]) if lines else {}
     delete(stats_files)
     vocabulary = learn_corpus_vocabulary(conv, output_dir, vocab_size) if train_reports else None
+    fraction_files = write_fraction_splits(conv, output_dir)
 
     man = manifest_lib.Manifest(source=conv.name)
     for split, n in per_split.items():
@@ -961,6 +995,7 @@ def run_conversion(
         "sharding": plan or {"fixed": per_split},
         "splits_from": splits_from or None,
         "vocabulary": vocabulary,
+        "label_fraction_splits": fraction_files,
     }
     if vocabulary:  # the keys SynthCXR's manifest uses for its vocabulary
         man.generator.update({"vocab_file": VOCAB_NAME, "vocab_size": vocabulary["size"]})
