@@ -424,6 +424,17 @@ def load_dicom_as_png(path: str) -> tuple[bytes, int, int, object]:
     return dicom_to_png(data)
 
 
+def image_record(path: str, **fields) -> schema.ExampleRecord:
+    """An ExampleRecord of the image at `path` (JPEG / PNG bytes as shipped; a `.dcm` file
+    converted by `dicom_to_png`) with the other `fields`; SkipError as load_image."""
+    if path.lower().endswith(".dcm"):
+        data, h, w, _ = load_dicom_as_png(path)
+        fmt = "png"
+    else:
+        data, fmt, h, w = load_image(path)
+    return schema.ExampleRecord(image=data, image_format=fmt, height=h, width=w, **fields)
+
+
 def mask_png(mask) -> bytes:
     """(H, W) bool/0-1/0-255 array -> 8-bit PNG with values 0/255 (schema convention)."""
     import numpy as np

@@ -296,12 +296,8 @@ class ChexpertConverter(bs.Converter):
                     yield self.row_from_csv(row, "validate" if i in held else split)
 
     def convert(self, row: dict) -> schema.ExampleRecord:
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["rel_path"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],

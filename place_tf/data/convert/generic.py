@@ -140,16 +140,8 @@ class GenericConverter(bs.Converter):
             findings = reports.normalize_section(text)  # plain text, no section headers
         if self.require_report and not (findings or impression):
             return bs.Skipped(bs.EMPTY_REPORT, row["_key"])
-        if row["image_path"].lower().endswith(".dcm"):
-            data, h, w, _ = bs.load_dicom_as_png(row["image_path"])
-            fmt = "png"
-        else:
-            data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["_key"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],

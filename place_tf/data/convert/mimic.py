@@ -202,12 +202,8 @@ class MimicConverter(bs.Converter):
         findings, impression = reports.parse_report(text)
         if not findings and not impression:
             return bs.Skipped(bs.EMPTY_REPORT, row["_key"])
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["dicom_id"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],

@@ -106,12 +106,8 @@ class R2GenConverter(bs.Converter):
         findings = reports.normalize_section(row["report"])
         if not findings:
             return bs.Skipped(bs.EMPTY_REPORT, row["_key"])
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["_key"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],
