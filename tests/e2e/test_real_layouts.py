@@ -100,12 +100,23 @@ def convert(source: str, root: str, out: str, *extra: str) -> dict:
     return manifest.read_manifest(out)
 
 
+def convert_with_split_file(source: str, root: str, out: str, id_column: str, rows) -> dict:
+    """`convert source --splits_from=<a CSV of (id_column, split) rows>` (a peer's split)."""
+    path = out + "_split.csv"
+    _write(path, _csv_text([id_column, "split"], rows).encode())
+    return convert(source, root, out, f"--splits_from={path}")
+
+
 def evaluate(task: str, model: str, data: str, out_json: str, *extra: str) -> dict:
     from place_tf.evaluate.__main__ import main
 
     assert main([task, f"--model={model}", f"--data={data}", f"--output={out_json}", *extra]) == 0
     with open(out_json) as f:
         return json.load(f)
+
+
+def split_counts(m: dict) -> dict[str, int]:
+    return {s: v["examples"] for s, v in m["splits"].items()}
 
 
 def _finite_in_unit(x) -> bool:
@@ -233,7 +244,7 @@ def mimic_run(work):
 
 def test_mimic_convert_writes_vocabulary_and_shards_that_follow_the_data(mimic_run):
     corpus, _, m, expected = mimic_run
-    assert {s: v["examples"] for s, v in m["splits"].items()} == expected  # 24 / 6 / 6
+    assert split_counts(m) == expected  # 24 / 6 / 6
     assert m["skipped"] == {"view_not_selected": 18}
     # --examples_per_shard=8: ceil(24 / 8) = 3 train shards, one each for 6 images.
     assert {s: len(v["shards"]) for s, v in m["splits"].items()} == {
@@ -342,7 +353,7 @@ def test_chexpert_without_test_csv_follows_mgca_splits(chexpert_corpus):
     held = set(np.random.RandomState(0).choice(len(train), 8, replace=False).tolist())
     frontal = [r[3] == "Frontal" for r in train]
     want_val = sum(frontal[i] for i in held)
-    counts = {s: v["examples"] for s, v in m["splits"].items()}
+    counts = split_counts(m)
     assert counts == {"train": sum(frontal) - want_val, "validate": want_val, "test": len(valid)}
     assert m["generator"]["options"]["protocol"] == "mgca"
     assert m["generator"]["vocabulary"] is None  # label-only: no reports, no vocab.txt
@@ -416,11 +427,7 @@ def test_rsna_with_mgca_split_files_linear_segmentation_detection(work, mimic_ru
         _write(files[split], _csv_text(["patientId"], pids).encode())
     spec = ",".join(f"{s}={p}" for s, p in files.items())
     m = convert("rsna", root, out, f"--splits_from={spec}")
-    assert {s: v["examples"] for s, v in m["splits"].items()} == {
-        "train": 12,
-        "validate": 6,
-        "test": 6,
-    }
+    assert split_counts(m) == dict(train=12, validate=6, test=6)
     _, run, _, _ = mimic_run
     lin = evaluate("linear", run, out, str(work / "rsna_linear.json"), "--fraction=1.0")
     assert lin["protocol"] == "binary" and lin["n_test"] == 6
@@ -454,14 +461,8 @@ def test_siim_linear_and_segmentation(work, mimic_run):
         )
         split_rows.append([iid, "train" if i < 10 else ("valid" if i < 14 else "test")])
     _write(os.path.join(root, "train-rle.csv"), ("\n".join(lines) + "\n").encode())
-    split_csv = str(work / "siim_split.csv")
-    _write(split_csv, _csv_text(["ImageId", "split"], split_rows).encode())
-    m = convert("siim", root, out, f"--splits_from={split_csv}")
-    assert {s: v["examples"] for s, v in m["splits"].items()} == {
-        "train": 10,
-        "validate": 4,
-        "test": 4,
-    }
+    m = convert_with_split_file("siim", root, out, "ImageId", split_rows)
+    assert split_counts(m) == dict(train=10, validate=4, test=4)
     _, run, _, _ = mimic_run
     lin = evaluate("linear", run, out, str(work / "siim_linear.json"), "--fraction=1.0")
     assert lin["protocol"] == "binary" and lin["n_test"] == 4
@@ -493,14 +494,8 @@ def test_object_cxr_detection_and_linear(work, mimic_run):
             split_rows.append([name, "test"])
     _write(os.path.join(root, "train.csv"), _csv_text(["image_name", "annotation"], train).encode())
     _write(os.path.join(root, "dev.csv"), _csv_text(["image_name", "annotation"], dev).encode())
-    split_csv = str(work / "object_split.csv")
-    _write(split_csv, _csv_text(["image_name", "split"], split_rows).encode())
-    m = convert("object_cxr", root, out, f"--splits_from={split_csv}")
-    assert {s: v["examples"] for s, v in m["splits"].items()} == {
-        "train": 11,
-        "validate": 5,
-        "test": 6,
-    }
+    m = convert_with_split_file("object_cxr", root, out, "image_name", split_rows)
+    assert split_counts(m) == dict(train=11, validate=5, test=6)
     _, run, _, _ = mimic_run
     det = evaluate("detection", run, out, str(work / "obj_det.json"), "--epochs=1")
     assert det["labels"] == ["Support Devices"] and _finite_in_unit(det["map"])
@@ -525,11 +520,7 @@ def test_iu_xray_r2gen_annotation_report_generation(work, mimic_run):
             _write(os.path.join(root, "images", rel), _image(300 + 2 * i + k, 48, 48, "PNG"))
     _write(os.path.join(root, "annotation.json"), json.dumps(ann).encode())
     m = convert("r2gen", root, out, "--source_name=iu_xray")
-    assert {s: v["examples"] for s, v in m["splits"].items()} == {
-        "train": 12,
-        "validate": 3,
-        "test": 3,
-    }
+    assert split_counts(m) == dict(train=12, validate=3, test=3)
     _, run, _, _ = mimic_run
     r = evaluate("report_generation", run, out, str(work / "iu_rg.json"), "--epochs=1")
     assert (r["train_examples"], r["test_examples"]) == (12, 3)
@@ -553,14 +544,8 @@ def test_covidx_multiclass_linear(work, mimic_run):
         split_rows.append([name, "test" if i >= 21 else ("validate" if i >= 15 else "train")])
     for txt, ls in lines.items():
         _write(os.path.join(root, txt), ("\n".join(ls) + "\n").encode())
-    split_csv = str(work / "covidx_split.csv")
-    _write(split_csv, _csv_text(["filename", "split"], split_rows).encode())
-    m = convert("covidx", root, out, f"--splits_from={split_csv}")
-    assert {s: v["examples"] for s, v in m["splits"].items()} == {
-        "train": 15,
-        "validate": 6,
-        "test": 6,
-    }
+    m = convert_with_split_file("covidx", root, out, "filename", split_rows)
+    assert split_counts(m) == dict(train=15, validate=6, test=6)
     _, run, _, _ = mimic_run
     lin = evaluate("linear", run, out, str(work / "covidx_linear.json"), "--fraction=1.0")
     assert lin["protocol"] == "multiclass" and lin["n_test"] == 6

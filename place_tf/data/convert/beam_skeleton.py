@@ -776,13 +776,15 @@ def _clear_output(output_dir: str, overwrite: bool) -> None:
             f"{output_dir} already holds a corpus ({len(old)} shard/manifest files); "
             "pass --overwrite to replace it"
         )
+    # The vocabulary and split files of a corpus being replaced go with it (a vocab.txt
+    # put in an empty folder by hand stays: it is not a converter's).
+    derived = match(join(output_dir, VOCAB_NAME)) + match(join(output_dir, "splits", "*.txt"))
     delete(
         old
+        + (derived if old else [])
         + match(join(output_dir, STATS_PREFIX + "*"))
         + match(join(output_dir, VOCAB_TEXTS_PREFIX + "*"))
         + match(join(output_dir, TRAIN_LABELS_PREFIX + "*"))
-        + match(join(output_dir, VOCAB_NAME))
-        + match(join(output_dir, "splits", "*.txt"))
     )
 
 
