@@ -212,6 +212,9 @@ def make_5x200_tree(root, per_label=3):
         _row("train/patient90002/study1/view1_frontal.jpg", Atelectasis="1.0", Edema="-1.0"),
         _row("train/patient90003/study1/view2_lateral.jpg", fl="Lateral", Atelectasis="1.0"),
         _row("train/patient90004/study1/view1_frontal.jpg", No_Finding="1.0"),
+        # MGCA's rule: every label but No Finding must be 0 or blank besides the one.
+        _row("train/patient90005/study1/view1_frontal.jpg", Atelectasis="1.0", Pneumonia="1.0"),
+        _row("train/patient90006/study1/view1_frontal.jpg", Edema="1.0", Fracture="-1.0"),
     ]
     rows += distractors
     for i, r in enumerate(rows):
