@@ -279,3 +279,36 @@ def test_fuzz_parse_chexpert_row_raises_only_parse_errors(row, policy):
         return
     assert len(got["chexpert"]) == schema.NUM_CHEXPERT
     assert ".." not in got["rel_path"].split("/")
+
+
+def test_split_protocol_official_with_test_csv_else_mgca_holdout(tmp_path):
+    root = str(tmp_path / PREFIX)
+    train = [_row(f"train/patient{i:05d}/study1/view1_frontal.jpg") for i in range(1, 11)]
+    valid = [_row("valid/patient64541/study1/view1_frontal.jpg")]
+    _csv(os.path.join(root, "train.csv"), train)
+    _csv(os.path.join(root, "valid.csv"), valid)
+    for r in train + valid:
+        _write(os.path.join(root, r[0][len(PREFIX) + 1 :]), _jpeg(0))
+
+    def splits_of(conv):
+        conv.check_layout()
+        return {r["rel_path"]: r["split"] for r in conv.rows() if isinstance(r, dict)}
+
+    got = splits_of(chexpert.ChexpertConverter(root, validate_holdout=3, seed=0))
+    held = {int(j) + 1 for j in np.random.RandomState(0).choice(10, 3, replace=False)}
+    assert got["valid/patient64541/study1/view1_frontal.jpg"] == "test"
+    for i in range(1, 11):
+        want = "validate" if i in held else "train"
+        assert got[f"train/patient{i:05d}/study1/view1_frontal.jpg"] == want
+    with pytest.raises(bs.LayoutError, match="--validate_holdout 11 exceeds its 10 usable rows"):
+        splits_of(chexpert.ChexpertConverter(root, validate_holdout=11))
+    # With test.csv (and test/) the official split is kept: no hold-out.
+    test = [_row("test/patient64741/study1/view1_frontal.jpg")]
+    _csv(os.path.join(root, "test.csv"), test)
+    _write(os.path.join(root, test[0][0][len(PREFIX) + 1 :]), _jpeg(1))
+    conv = chexpert.ChexpertConverter(root, validate_holdout=3)
+    got = splits_of(conv)
+    assert conv.options()["protocol"] == "official"
+    assert sorted(set(got.values())) == ["test", "train", "validate"]
+    assert sum(v == "train" for v in got.values()) == 10
+    assert got["valid/patient64541/study1/view1_frontal.jpg"] == "validate"
