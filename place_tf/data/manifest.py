@@ -11,6 +11,10 @@ Every corpus directory (SynthCXR or converted) holds `manifest.json` beside its 
       "shard_checksums": {"train-00000-of-00004.tfrecord": "sha256:..."},
       "created": "...", "generator": {...}
     }
+A converter's `generator` also records its options, the shard plan ("sharding": rows per
+split, estimated bytes per example, the target), a peer split file ("splits_from"), the
+vocabulary it learned from the train reports ("vocabulary": file, size, reports, sha256;
+also "vocab_file" / "vocab_size" as SynthCXR writes them) and its label-fraction files.
 Skip reasons are counts only: no row content (reports, ids) is written here.
 """
 

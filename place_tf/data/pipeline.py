@@ -15,7 +15,9 @@ Bad input is SKIPPED AND COUNTED, never silently dropped (`SkipCounter`, reasons
   an `enumerate` index, which end markers make exact at the end of the stream too).
 - wrong_shape: decoded (or PNG header) size differs from the stored height/width, or a
   side is below MIN_SIDE.
-- empty_report: FINDINGS and IMPRESSION both empty.
+- empty_report: FINDINGS and IMPRESSION both empty (only where the consumer needs the
+  text: pre-training and the text tasks; image-only evaluation reads label-only corpora
+  such as CheXpert, RSNA or COVIDx with `require_report=False`).
 - not_frontal: only with `frontal_only=True`: a lateral view (a selection, not an error).
 Counts accumulate per pass over the data (a bad record is counted again each epoch).
 Compressed (GZIP) shards cannot be byte-accounted: their read errors are counted from the
@@ -371,6 +373,7 @@ def _examples(
     shuffle_buffer: int,
     compression_type: str,
     frontal_only: bool,
+    require_report: bool = True,
 ):
     """Validated single examples: dict(image [S,S,1] 0..255, labels, class_label, report)."""
     compression = _compression_of(files, compression_type)
@@ -434,7 +437,9 @@ def _examples(
 
     def pre_check(ex):
         report = schema.report_text(ex[schema.FINDINGS], ex[schema.IMPRESSION])
-        code = tf.where(tf.equal(tf.strings.length(report), 0), _CODE["empty_report"], 0)
+        code = tf.constant(0)
+        if require_report:
+            code = tf.where(tf.equal(tf.strings.length(report), 0), _CODE["empty_report"], 0)
         if frontal_only:
             frontal = tf.reduce_any(tf.equal(tf.strings.upper(ex[schema.VIEW]), FRONTAL_VIEWS))
             code = tf.where(
@@ -592,6 +597,7 @@ def make_eval_dataset(
     *,
     compression_type: str = "auto",
     frontal_only: bool = False,
+    require_report: bool = True,
 ) -> tf.data.Dataset:
     """Unaugmented, ordered, finite batches for evaluation (the last batch may be short).
 
@@ -599,6 +605,8 @@ def make_eval_dataset(
     `with_text`, the raw report strings under "report" (for retrieval / generation
     metrics; keep them in memory, never log them). With `tokenizer=None` there are no
     token_ids / padding_mask (image-only consumers, e.g. the raw-pixel baseline).
+    `require_report=False` keeps examples without report text (image-only tasks on
+    label-only corpora: CheXpert, RSNA, COVIDx, SIIM, Object-CXR); their "report" is "".
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -617,6 +625,7 @@ def make_eval_dataset(
         shuffle_buffer=0,
         compression_type=compression_type,
         frontal_only=frontal_only,
+        require_report=require_report,
     )
     ds = ds.batch(batch_size, drop_remainder=False)
 

@@ -142,9 +142,12 @@ def write_label_fraction_splits(
     seed: int = 0,
     split: str = "train",
     mode: str = "auto",
+    examples: Sequence[tuple[str, int, Sequence[int]]] | None = None,
 ) -> dict[float, str]:
-    """Write `<corpus>/splits/<split>_<pct>pct.txt` for each fraction; returns their paths."""
-    examples = read_split_examples(corpus_dir, split)
+    """Write `<corpus>/splits/<split>_<pct>pct.txt` for each fraction; returns their paths.
+    `examples` (image_id, class_label, chexpert): given by a converter, else read."""
+    if examples is None:
+        examples = read_split_examples(corpus_dir, split)
     if not examples:
         raise ValueError(f"{corpus_dir}: split {split!r} has no examples to subsample")
     subsets = label_fraction_subsets(examples, fractions, seed=seed, mode=mode)

@@ -191,9 +191,14 @@ def main(argv=None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from place_tf.evaluate import embeddings as emb_lib
+    from place_tf.evaluate import task_data
 
     t0 = time.time()
-    result, table = run_task(args)
+    try:
+        result, table = run_task(args)
+    except task_data.NoReportTextError as e:  # a report task on a label-only corpus
+        print(f"place_tf.evaluate {args.task}: error: {e}", file=sys.stderr)
+        return 2
     result = dict(result)
     result.setdefault("task", args.task)
     result["model"] = os.path.abspath(args.model)

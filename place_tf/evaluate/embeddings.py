@@ -151,6 +151,9 @@ def extract(
     (e.g. "image_embedding" [N, E], "attention_maps" [N, K, h, w], "text_embedding" [N, E]),
     optionally "report" (list[str], never logged) and "image" [N, S, S, 1],
     "image_id" (list[str], or None when ids cannot be aligned)}.
+
+    Examples without report text are kept unless text is asked for (`text_outputs` or
+    `with_reports`), so image-only tasks run on label-only corpora (CheXpert, RSNA, ...).
     """
     from place_tf.data import pipeline
 
@@ -158,6 +161,11 @@ def extract(
     unknown = set(image_outputs) - set(IMAGE_OUTPUTS) | set(text_outputs) - set(TEXT_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown encoder outputs {sorted(unknown)}")
+    needs_text = bool(text_outputs) or with_reports
+    if needs_text:
+        from place_tf.evaluate import task_data
+
+        task_data.require_report_text(data_dir, split, "text embeddings")
     ds = pipeline.make_eval_dataset(
         data_dir,
         split,
@@ -165,6 +173,7 @@ def extract(
         batch_size=batch_size,
         image_size=image_size,
         with_text=with_reports,
+        require_report=needs_text,
     )
     enc_image, enc_text = encoder_fns(model, tuple(image_outputs), tuple(text_outputs))
     parts: dict[str, list] = {}
@@ -207,7 +216,9 @@ def extract(
     if "class_label" not in out:
         out["class_label"] = np.full(len(out["labels"]), -1, np.int64)
     if "image_id" not in out:
-        out["image_id"] = _aligned_image_ids(data_dir, split, out["labels"], out["class_label"])
+        out["image_id"] = _aligned_image_ids(
+            data_dir, split, out["labels"], out["class_label"], needs_text
+        )
     return out
 
 
@@ -223,11 +234,14 @@ def encode_images(
     return {k: np.concatenate(v, axis=0) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
-def read_rows_in_eval_order(data_dir: str, split: str) -> list[tuple[str, int, list[int]]]:
+def read_rows_in_eval_order(
+    data_dir: str, split: str, require_report: bool = True
+) -> list[tuple[str, int, list[int]]]:
     """(image_id, class_label, chexpert) per record, in the order make_eval_dataset yields.
 
     Mirrors the eval pipeline's reading: shards interleaved one record at a time
-    (cycle_length = min(#shards, 8)), records with an empty report left out. Callers must
+    (cycle_length = min(#shards, 8)), records with an empty report left out when
+    `require_report` (as make_eval_dataset's flag of the same name). Callers must
     still check the result against the pipeline's labels (a skipped bad record shifts it).
     """
     import tensorflow as tf
@@ -258,13 +272,15 @@ def read_rows_in_eval_order(data_dir: str, split: str) -> list[tuple[str, int, l
             batch[schema.IMPRESSION],
             strict=True,
         ):
-            if not schema.report_text(f.decode("utf-8"), imp.decode("utf-8")):
+            if require_report and not schema.report_text(f.decode("utf-8"), imp.decode("utf-8")):
                 continue
             rows.append((i.decode("utf-8"), int(c), [int(x) for x in v]))
     return rows
 
 
-def _aligned_image_ids(data_dir, split, labels, class_label) -> list[str] | None:
+def _aligned_image_ids(
+    data_dir, split, labels, class_label, require_report: bool = True
+) -> list[str] | None:
     """Image ids in the pipeline's row order, if they provably line up with `labels`.
 
     The eval pipeline yields no ids. They are read in the same order
@@ -272,7 +288,9 @@ def _aligned_image_ids(data_dir, split, labels, class_label) -> list[str] | None
     agree with the pipeline's; otherwise None (callers fall back, with a warning).
     """
     n = len(labels)
-    rows = read_rows_in_eval_order(data_dir, split)[:n]  # a prefix when extraction stopped early
+    rows = read_rows_in_eval_order(data_dir, split, require_report)[
+        :n
+    ]  # a prefix when extraction stopped early
     chex = np.asarray([r[2] for r in rows], dtype=np.float32).reshape(-1, labels.shape[1])
     cls = np.asarray([r[1] for r in rows], dtype=np.int64)
     if len(rows) != n or not np.array_equal(chex, labels) or not np.array_equal(cls, class_label):

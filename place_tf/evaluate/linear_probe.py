@@ -357,8 +357,13 @@ def _finetune(
     full_y[idx] = y_packed
 
     def images_of(split):
-        ds = pipeline.make_eval_dataset(
-            data_dir, split, tokenizer, batch_size=batch_size, image_size=image_size
+        ds = pipeline.make_eval_dataset(  # the rows emb_lib.extract read (image-only)
+            data_dir,
+            split,
+            tokenizer,
+            batch_size=batch_size,
+            image_size=image_size,
+            require_report=False,
         )
         return ds.map(lambda b: b["image"])
 
@@ -724,7 +729,12 @@ def raw_pixel_features(
         xs, ys, n = [], [], 0
         try:
             ds = pipeline.make_eval_dataset(
-                data_dir, s, None, batch_size=batch_size, image_size=image_size
+                data_dir,
+                s,
+                None,
+                batch_size=batch_size,
+                image_size=image_size,
+                require_report=False,
             )
             for b in ds:
                 img = b["image"]

@@ -299,9 +299,11 @@ def evaluate(
     def data(which, ids_=None):
         return td.report_dataset(data_dir, which, image_size, tokenizer, ids_)
 
+    for which in ("train", split):
+        td.require_report_text(data_dir, which, "report_generation")
     n_train = td.count_examples(data_dir, "train", ids, require_report=True)
     if n_train == 0:
-        raise ValueError(f"{data_dir}: no training reports")
+        raise ValueError(f"{data_dir}: no training reports in the label-fraction subset")
     train = td.maybe_cache(data("train", ids), n_train, 4 * image_size**2 + 5 * max_length)
     train = train.shuffle(td.shuffle_buffer(n_train), seed=seed).batch(batch_size).prefetch(2)
     val = (

@@ -77,7 +77,11 @@ def run(
 ) -> dict:
     """Retrieval on `split`; returns {"task": "retrieval", "split", "n_queries", "classes":
     {label: count}, "image_to_text": {"P@1", ...}, "text_to_image": {...}, "skipped_ks",
-    "chance": {"P@K": expected precision of a random ranking}}."""
+    "chance": {"P@K": expected precision of a random ranking}}.
+    Raises task_data.NoReportTextError when `split` has no report text."""
+    from place_tf.evaluate import task_data
+
+    task_data.require_report_text(data_dir, split, "retrieval")
     data = emb_lib.extract(
         model,
         data_dir,

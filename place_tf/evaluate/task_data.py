@@ -310,6 +310,33 @@ def _has_report(ex):
     return tf.strings.length(text) > 0
 
 
+class NoReportTextError(ValueError):
+    """A task that needs report text was given a corpus (split) that has none."""
+
+
+def has_report_text(data_dir: str, split: str) -> bool:
+    """True if any example of `split` has FINDINGS or IMPRESSION text (stops at the first;
+    reads only the text features)."""
+    spec = {k: schema.feature_spec()[k] for k in (schema.FINDINGS, schema.IMPRESSION)}
+    ds = tf.data.TFRecordDataset(manifest.split_files(data_dir, split))
+    ds = ds.map(_nc(lambda s: tf.io.parse_single_example(s, spec))).filter(_nc(_has_report))
+    return any(True for _ in ds.take(1))
+
+
+def require_report_text(data_dir: str, split: str, task: str) -> None:
+    """NoReportTextError naming the corpus, its source and `task` when `split` has no
+    report text (label-only corpora: CheXpert, RSNA, COVIDx, SIIM, Object-CXR)."""
+    if has_report_text(data_dir, split):
+        return
+    source = manifest.read_manifest(data_dir).get("source", "?")
+    raise NoReportTextError(
+        f"{data_dir} (source {source!r}): split {split!r} has no report text, and {task} "
+        "needs reports (FINDINGS/IMPRESSION). It is a label-only corpus: use it for linear, "
+        "finetune, zero_shot, segmentation or detection; for report tasks convert a corpus "
+        "with reports (mimic, generic with a report column, r2gen)"
+    )
+
+
 def count_examples(data_dir: str, split: str, ids=None, require_report: bool = False) -> int:
     """Examples of a split (optionally an id subset / only those with a report), counted
     without decoding images."""

@@ -101,7 +101,9 @@ def converted(tmp_path_factory):
     images = make_tree(root)
     exclude = str(base / "exclude.csv")
     _write(exclude, f"Path\n{PREFIX}/train/patient00006/study1/view1_frontal.jpg\n".encode())
-    conv = chexpert.ChexpertConverter(root, uncertain_policy="ones", exclude=exclude)
+    conv = chexpert.ChexpertConverter(
+        root, uncertain_policy="ones", exclude=exclude, validate_holdout=0
+    )
     bs.run_conversion(conv, out, shards=1, eval_shards=1, beam_args=BEAM_ARGS)
     return root, out, images
 
@@ -110,10 +112,11 @@ def test_counts_and_skips(converted):
     _, out, _ = converted
     m = manifest.read_manifest(out)
     assert m["source"] == "chexpert"
+    # No test.csv: valid.csv is the test split (MGCA); no hold-out asked for here.
     assert {s: v["examples"] for s, v in m["splits"].items()} == {
         "train": 2,
-        "validate": 1,
-        "test": 0,
+        "validate": 0,
+        "test": 1,
     }
     assert m["skipped"] == {
         "view_not_selected": 1,
@@ -142,7 +145,7 @@ def test_records_use_relative_ids_and_the_uncertain_policy(converted):
     want[schema.label_index("Cardiomegaly")] = 1  # -1.0 under "ones"
     want[schema.label_index("Edema")] = 0
     assert list(r.chexpert) == want
-    assert recs["valid/patient64541/study1/view1_frontal.jpg"].split == "validate"
+    assert recs["valid/patient64541/study1/view1_frontal.jpg"].split == "test"
 
 
 @pytest.mark.parametrize(
@@ -209,6 +212,9 @@ def make_5x200_tree(root, per_label=3):
         _row("train/patient90002/study1/view1_frontal.jpg", Atelectasis="1.0", Edema="-1.0"),
         _row("train/patient90003/study1/view2_lateral.jpg", fl="Lateral", Atelectasis="1.0"),
         _row("train/patient90004/study1/view1_frontal.jpg", No_Finding="1.0"),
+        # MGCA's rule: every label but No Finding must be 0 or blank besides the one.
+        _row("train/patient90005/study1/view1_frontal.jpg", Atelectasis="1.0", Pneumonia="1.0"),
+        _row("train/patient90006/study1/view1_frontal.jpg", Edema="1.0", Fracture="-1.0"),
     ]
     rows += distractors
     for i, r in enumerate(rows):
@@ -273,3 +279,36 @@ def test_fuzz_parse_chexpert_row_raises_only_parse_errors(row, policy):
         return
     assert len(got["chexpert"]) == schema.NUM_CHEXPERT
     assert ".." not in got["rel_path"].split("/")
+
+
+def test_split_protocol_official_with_test_csv_else_mgca_holdout(tmp_path):
+    root = str(tmp_path / PREFIX)
+    train = [_row(f"train/patient{i:05d}/study1/view1_frontal.jpg") for i in range(1, 11)]
+    valid = [_row("valid/patient64541/study1/view1_frontal.jpg")]
+    _csv(os.path.join(root, "train.csv"), train)
+    _csv(os.path.join(root, "valid.csv"), valid)
+    for r in train + valid:
+        _write(os.path.join(root, r[0][len(PREFIX) + 1 :]), _jpeg(0))
+
+    def splits_of(conv):
+        conv.check_layout()
+        return {r["rel_path"]: r["split"] for r in conv.rows() if isinstance(r, dict)}
+
+    got = splits_of(chexpert.ChexpertConverter(root, validate_holdout=3, seed=0))
+    held = {int(j) + 1 for j in np.random.RandomState(0).choice(10, 3, replace=False)}
+    assert got["valid/patient64541/study1/view1_frontal.jpg"] == "test"
+    for i in range(1, 11):
+        want = "validate" if i in held else "train"
+        assert got[f"train/patient{i:05d}/study1/view1_frontal.jpg"] == want
+    with pytest.raises(bs.LayoutError, match="--validate_holdout 11 exceeds its 10 usable rows"):
+        splits_of(chexpert.ChexpertConverter(root, validate_holdout=11))
+    # With test.csv (and test/) the official split is kept: no hold-out.
+    test = [_row("test/patient64741/study1/view1_frontal.jpg")]
+    _csv(os.path.join(root, "test.csv"), test)
+    _write(os.path.join(root, test[0][0][len(PREFIX) + 1 :]), _jpeg(1))
+    conv = chexpert.ChexpertConverter(root, validate_holdout=3)
+    got = splits_of(conv)
+    assert conv.options()["protocol"] == "official"
+    assert sorted(set(got.values())) == ["test", "train", "validate"]
+    assert sum(v == "train" for v in got.values()) == 10
+    assert got["valid/patient64541/study1/view1_frontal.jpg"] == "validate"

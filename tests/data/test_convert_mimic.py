@@ -97,11 +97,18 @@ EXPECTED_SKIPS = {
 STUDY1_LABELS = {"Atelectasis": "1.0", "Cardiomegaly": "-1.0", "Edema": "0.0"}
 
 
+# mimic-cxr-2.0.0-metadata.csv has PhysioNet's 12 columns; ViewCodeSequence names the view.
+VIEW_NAMES = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral"}
+
+
 def make_tree(root, reports_root):
     images = {}
     meta_rows, split_rows = [], []
     for i, (dicom, sub, study, view, split, img, rep) in enumerate(ROWS):
-        meta_rows.append([dicom, sub, study, "CHEST (PA AND LAT)", view, 32, 40])
+        meta_rows.append(
+            [dicom, sub, study, "CHEST (PA AND LAT)", view, 32, 40, 21800506, 213014.531]
+            + ["CHEST (PA AND LAT)", VIEW_NAMES.get(view, ""), "Erect"]
+        )
         if split:
             split_rows.append([dicom, study, sub, split])
         if sub.isdigit():
@@ -132,6 +139,11 @@ def make_tree(root, reports_root):
             "ViewPosition",
             "Rows",
             "Columns",
+            "StudyDate",
+            "StudyTime",
+            "ProcedureCodeSequence_CodeMeaning",
+            "ViewCodeSequence_CodeMeaning",
+            "PatientOrientationCodeSequence_CodeMeaning",
         ],
         meta_rows,
     )

@@ -178,6 +178,13 @@ def test_rsna_boxes_labels_and_skips(tmp_path):
     assert np.allclose(p1.boxes, [[0.125, 0.25, 0.375, 0.375], [0.625, 0.125, 0.875, 0.5]])
     assert list(p1.box_labels) == [pneu, pneu] and p1.class_label == 1
     assert p1.chexpert[pneu] == 1 and p1.view == "PA"
+    # MGCA's segmentation protocol: the boxes, filled, are the mask (hand-computed pixels).
+    want = np.zeros((64, 64), np.uint8)
+    want[16:24, 8:24] = 255
+    want[8:32, 40:56] = 255
+    assert len(p1.masks) == 1 and list(p1.mask_labels) == [pneu]
+    assert np.array_equal(_png_array(p1.masks[0]), want)
+    assert not _png_array(recs["P2"].masks[0]).any()
     assert recs["P2"].class_label == 0 and len(recs["P2"].boxes) == 0
     assert recs["P2"].chexpert[pneu] == 0
     assert np.allclose(recs["P7"].boxes, [[0.875, 0.875, 1.0, 1.0]])

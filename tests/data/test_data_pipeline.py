@@ -284,3 +284,27 @@ def test_skip_counter_rejects_unknown_reason():
         c.add("bogus", 1)
     c.add("bad_image", 3)
     assert c.as_dict()["bad_image"] == 3 and c.total() == 3
+
+
+def test_label_only_examples_are_kept_for_image_tasks_and_skipped_for_text(tmp_path, tok, corpus):
+    """CheXpert / RSNA / COVIDx corpora have no report text: image-only evaluation reads
+    every example (require_report=False), text consumers still skip and count them."""
+    from place_tf.evaluate import task_data
+
+    d = str(tmp_path / "labels_only")
+    man = manifest_lib.Manifest(source="chexpert")
+    w = manifest_lib.ShardedWriter(d, man, {"train": 2, "test": 1})
+    for i in range(5):
+        w.write("train", _example(i, findings="", impression="", class_label=i % 2))
+    w.write("test", _example(7, findings="", impression=""))
+    w.close()
+    man.write(d)
+    counter = P.SkipCounter()
+    ds = P.make_eval_dataset(d, "train", None, 2, image_size=SIZE, require_report=False)
+    labels = np.concatenate([b["class_label"] for b in ds.as_numpy_iterator()])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1]
+    ds = P.make_eval_dataset(d, "train", tok, 2, image_size=SIZE, skip_counter=counter)
+    assert list(ds.as_numpy_iterator()) == [] and counter.as_dict()["empty_report"] == 5
+    assert not task_data.has_report_text(d, "train") and task_data.has_report_text(corpus, "test")
+    with pytest.raises(task_data.NoReportTextError, match=r"source 'chexpert'.*retrieval"):
+        task_data.require_report_text(d, "test", "retrieval")

@@ -2,8 +2,9 @@
 
     python -m place_tf.data.convert <source> --input DIR --output DIR [--shards N] [beam args]
 
-Sources: mimic, chexpert, chexpert_5x200, rsna, covidx, siim, object_cxr (one module each
-over `beam_skeleton`). Modules are imported on demand, so `import place_tf.data.convert`
+Sources: mimic, chexpert, chexpert_5x200, rsna, covidx, siim, object_cxr, generic (your
+own CSV), r2gen (R2Gen's annotation.json: IU X-Ray, MIMIC-CXR report generation) (one
+module each over `beam_skeleton`). Modules are imported on demand, so `import place_tf.data.convert`
 stays cheap.
 """
 
@@ -19,6 +20,8 @@ SOURCES: dict[str, str] = {
     "covidx": "place_tf.data.convert.covidx:CovidxConverter",
     "siim": "place_tf.data.convert.siim:SiimConverter",
     "object_cxr": "place_tf.data.convert.object_cxr:ObjectCxrConverter",
+    "generic": "place_tf.data.convert.generic:GenericConverter",
+    "r2gen": "place_tf.data.convert.r2gen:R2GenConverter",
 }
 
 
@@ -39,7 +42,17 @@ def convert(source: str, input_dir: str, output_dir: str, **kwargs) -> dict:
     """
     from place_tf.data.convert import beam_skeleton
 
-    run_keys = ("shards", "eval_shards", "beam_args", "overwrite", "checksum_shards")
+    run_keys = (
+        "shards",
+        "eval_shards",
+        "beam_args",
+        "overwrite",
+        "checksum_shards",
+        "target_shard_bytes",
+        "examples_per_shard",
+        "vocab_size",
+        "splits_from",
+    )
     run_kwargs = {k: kwargs.pop(k) for k in run_keys if k in kwargs}
     conv = converter_class(source)(input_dir, **kwargs)
     return beam_skeleton.run_conversion(conv, output_dir, **run_kwargs)

@@ -19,6 +19,8 @@ from place_tf.data.convert import SOURCES, converter_class
 
 
 def build_parser(source: str) -> argparse.ArgumentParser:
+    from place_tf.data.convert import beam_skeleton as bs
+
     cls = converter_class(source)
     parser = argparse.ArgumentParser(
         prog=f"python -m place_tf.data.convert {source}",
@@ -28,8 +30,30 @@ def build_parser(source: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", required=True, help="the dataset's download folder")
     parser.add_argument("--output", required=True, help="corpus folder to write")
-    parser.add_argument("--shards", type=int, default=0, help="train shards (0: source default)")
+    parser.add_argument(
+        "--shards", type=int, default=0, help="train shards (0: follow the data, see below)"
+    )
     parser.add_argument("--eval_shards", type=int, default=0, help="validate/test shards")
+    parser.add_argument(
+        "--target_shard_mb",
+        type=float,
+        default=bs.TARGET_SHARD_BYTES / 2**20,
+        help="without --shards: shards of about this many MiB (estimated from image sizes)",
+    )
+    parser.add_argument(
+        "--examples_per_shard", type=int, default=0, help="without --shards: instead of MiB"
+    )
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=bs.DEFAULT_VOCAB_SIZE,
+        help="WordPiece vocab.txt learned from the train reports (0: none)",
+    )
+    parser.add_argument(
+        "--splits_from",
+        default="",
+        help="a peer's split file: FILE.csv (id + split columns) or train=A.csv,validate=B.csv,...",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     parser.add_argument(
         "--no_shard_checksums", action="store_true", help="skip sha256 of the written shards"
@@ -75,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             beam_args=beam_args,
             overwrite=args.overwrite,
             checksum_shards=not args.no_shard_checksums,
+            target_shard_bytes=int(args.target_shard_mb * 2**20),
+            examples_per_shard=args.examples_per_shard,
+            vocab_size=args.vocab_size,
+            splits_from=args.splits_from,
         )
     except (bs.LayoutError, FileExistsError) as e:
         print(f"place_tf.data.convert {source}: error: {e}", file=sys.stderr)

@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "place_tf.convert"
 STATS_PREFIX = "_convert_stats"
+VOCAB_TEXTS_PREFIX = "_vocab_texts"  # temporary: train reports, deleted after learning
+TRAIN_LABELS_PREFIX = "_train_labels"  # temporary: (id, class, labels) of the train split
+VOCAB_NAME = "vocab.txt"
+DEFAULT_VOCAB_SIZE = 30522  # DataConfig.vocab_size, BERT's
+# Shards follow the data: a split gets ceil(its bytes / TARGET_SHARD_BYTES) shards, its
+# bytes estimated from the sizes of a sample of its image files (TF's guidance: shards of
+# 100-200+ MB, at least as many as the readers that share them on a big corpus).
+TARGET_SHARD_BYTES = 200 << 20
+SIZE_SAMPLE = 64
 
 # Skip reasons (counted in the manifest). Units: one per image that would have become an
 # example, except `malformed_row` for a CSV row whose key cannot be read at all.
@@ -77,6 +86,7 @@ CLASS_NOT_SELECTED = "class_not_selected"
 MISSING_SPLIT = "missing_split"
 EXCLUDED = "excluded"
 DUPLICATE_ROW = "duplicate_row"
+NOT_IN_SPLIT_FILE = "not_in_split_file"
 CONVERSION_ERROR = "conversion_error"
 
 
@@ -414,6 +424,17 @@ def load_dicom_as_png(path: str) -> tuple[bytes, int, int, object]:
     return dicom_to_png(data)
 
 
+def image_record(path: str, **fields) -> schema.ExampleRecord:
+    """An ExampleRecord of the image at `path` (JPEG / PNG bytes as shipped; a `.dcm` file
+    converted by `dicom_to_png`) with the other `fields`; SkipError as load_image."""
+    if path.lower().endswith(".dcm"):
+        data, h, w, _ = load_dicom_as_png(path)
+        fmt = "png"
+    else:
+        data, fmt, h, w = load_image(path)
+    return schema.ExampleRecord(image=data, image_format=fmt, height=h, width=w, **fields)
+
+
 def mask_png(mask) -> bytes:
     """(H, W) bool/0-1/0-255 array -> 8-bit PNG with values 0/255 (schema convention)."""
     import numpy as np
@@ -485,7 +506,15 @@ class Converter:
         raise NotImplementedError
 
     def convert_row(self, row: dict | Skipped) -> tuple[str, bytes] | Skipped:
-        """(split, serialized tf.train.Example) or Skipped, for one row.
+        """(split, serialized tf.train.Example) or Skipped, for one row (see
+        `convert_row_with_text`)."""
+        out = self.convert_row_with_record(row)
+        return out if isinstance(out, Skipped) else out[:2]
+
+    def convert_row_with_record(
+        self, row: dict | Skipped
+    ) -> tuple[str, bytes, schema.ExampleRecord] | Skipped:
+        """(split, serialized tf.train.Example, its record) or Skipped, for one row.
 
         Image/report/parse problems become their skip reasons. Any other exception (a bug,
         or a file no check foresaw) is counted as "conversion_error" and logged with its
@@ -503,7 +532,7 @@ class Converter:
                 raise ValueError(f"example split {out.split!r} not in {self.splits}")
             if not out.source:
                 out.source = self.name
-            return out.split, schema.to_example(out).SerializeToString()
+            return out.split, schema.to_example(out).SerializeToString(), out
         except SkipError as e:
             return Skipped(e.reason, f"{key}: {e}")
         except ParseError as e:
@@ -512,19 +541,118 @@ class Converter:
             log.warning("%s: conversion error (%s) on a row", self.name, type(e).__name__)
             return Skipped(CONVERSION_ERROR, f"{key}: {type(e).__name__}: {e}")
 
+    # -- peer split files (--splits_from)
+    def split_key(self, row: dict) -> str:
+        """The id a peer's split file names this row by (default: the row's key)."""
+        return str(row.get("_key", ""))
+
+    def split_file_key(self, value: str) -> str:
+        """A split file's id cell -> the form `split_key` returns (default: the file name
+        of a path, e.g. MGCA's "Path" cells)."""
+        return str(value).strip().replace("\\", "/").rsplit("/", 1)[-1]
+
+    def load_split_file(self, spec: str) -> None:
+        """Read `--splits_from` (see `read_split_file`); rows are then assigned by it."""
+        self._split_map = read_split_file(spec, self.split_file_key)
+
+    def iter_rows(self) -> Iterator[dict | Skipped]:
+        """`rows()` with the peer split file applied: its split replaces the converter's,
+        and a row the file does not name is skipped as "not_in_split_file"."""
+        split_map = getattr(self, "_split_map", None)
+        for row in self.rows():
+            if split_map is None or isinstance(row, Skipped):
+                yield row
+                continue
+            split = split_map.get(self.split_key(row))
+            if split is None:
+                yield Skipped(NOT_IN_SPLIT_FILE, str(row.get("_key", "")))
+                continue
+            yield {**row, "split": split}
+
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "valid": "validate",
+    "val": "validate",
+    "validate": "validate",
+    "validation": "validate",
+    "dev": "validate",
+    "test": "test",
+}
+# Id columns of the peers' split files, tried in this order (MGCA / GLoRIA CSVs name the
+# image by "Path" (CheXpert, MIMIC), "patientId" (RSNA), "ImageId" (SIIM), ...).
+SPLIT_ID_COLUMNS = (
+    "Path",
+    "path",
+    "dicom_id",
+    "patientId",
+    "ImageId",
+    "image_name",
+    "filename",
+    "image_id",
+    "id",
+)
+
+
+def read_split_file(spec: str, normalise=lambda v: str(v).strip()) -> dict[str, str]:
+    """A peer's split, as {image key: split}, from `spec`:
+
+    - "FILE.csv": a CSV with an id column (the first of SPLIT_ID_COLUMNS it has) and a
+      "split"/"Split" column (train / valid / val / validate / dev / test);
+    - "train=A.csv,validate=B.csv,test=C.csv": one CSV per split (MGCA writes
+      train_split.csv / valid_split.csv), the split given by the name before "=".
+    LayoutError naming the file for a missing file, id or split column, an unknown split
+    value or an image assigned to two splits.
+    """
+    parts = [p.strip() for p in spec.split(",") if p.strip()] if "=" in spec else [spec]
+    out: dict[str, str] = {}
+    for part in parts:
+        fixed = None
+        path = part
+        if "=" in part:
+            name, path = (x.strip() for x in part.split("=", 1))
+            fixed = SPLIT_ALIASES.get(name.lower())
+            if fixed is None:
+                raise LayoutError(f"--splits_from: {name!r} is not a split name")
+        if not exists(path):
+            raise LayoutError(f"--splits_from: split file {path} not found")
+        rows = [r for r in read_csv(path) if isinstance(r, dict)]
+        header = list(rows[0]) if rows else []
+        id_col = next((c for c in SPLIT_ID_COLUMNS if c in header), None)
+        split_col = next((c for c in ("split", "Split", "SPLIT") if c in header), None)
+        if id_col is None or (fixed is None and split_col is None):
+            raise LayoutError(
+                f"{path}: a split file needs an id column (one of {list(SPLIT_ID_COLUMNS)})"
+                f"{'' if fixed else ' and a split column'}; header is {header}"
+            )
+        for i, r in enumerate(rows, start=2):
+            split = fixed or SPLIT_ALIASES.get(str(r[split_col]).strip().lower())
+            if split is None:
+                raise LayoutError(f"{path}:{i}: split {str(r[split_col])[:20]!r} is unknown")
+            key = normalise(r[id_col])
+            if out.setdefault(key, split) != split:
+                raise LayoutError(f"{path}:{i}: an image is in two splits ({out[key]}, {split})")
+    if not out:
+        raise LayoutError(f"--splits_from {spec}: no rows")
+    return out
+
 
 def _generate_rows(_, conv: Converter):
-    yield from conv.rows()
+    yield from conv.iter_rows()
 
 
 LOG_EVERY = 1000
 
 
 class ConvertFn(beam.DoFn):
-    """Row -> (split, serialized Example) on the main output, or a skip reason on 'skipped'."""
+    """Row -> (split, serialized Example) on the main output, or a skip reason on 'skipped';
+    for the train split also (image id, class, CheXpert labels) as JSON on 'train_labels'
+    and, with `train_reports`, the report text (one line) on 'reports'."""
 
-    def __init__(self, conv: Converter):
+    def __init__(self, conv: Converter, train_reports: bool = False):
         self.conv = conv
+        self.train_reports = train_reports
 
     def setup(self):
         self._rows = Metrics.counter(METRICS_NAMESPACE, "rows")
@@ -532,16 +660,23 @@ class ConvertFn(beam.DoFn):
 
     def process(self, row):
         self._rows.inc()
-        out = self.conv.convert_row(row)
+        out = self.conv.convert_row_with_record(row)
         if isinstance(out, Skipped):
             Metrics.counter(METRICS_NAMESPACE, f"skipped_{out.reason}").inc()
             log.debug("%s: skipped (%s) %s", self.conv.name, out.reason, out.detail)
             self._seen["skipped"] += 1
             yield beam.pvalue.TaggedOutput("skipped", out.reason)
         else:
-            Metrics.counter(METRICS_NAMESPACE, f"examples_{out[0]}").inc()
+            split, serialized, rec = out
+            Metrics.counter(METRICS_NAMESPACE, f"examples_{split}").inc()
             self._seen["examples"] += 1
-            yield out
+            yield split, serialized
+            if split == "train":
+                labels = [rec.image_id, int(rec.class_label), [int(v) for v in rec.chexpert]]
+                yield beam.pvalue.TaggedOutput("train_labels", json.dumps(labels))
+                text = schema.report_text(rec.findings or "", rec.impression or "")
+                if self.train_reports and text:
+                    yield beam.pvalue.TaggedOutput("reports", " ".join(text.split()))
         n = self._seen["examples"] + self._seen["skipped"]
         if n % LOG_EVERY == 0:
             log.info(
@@ -557,8 +692,12 @@ def _stats_json(counts: list) -> str:
     return json.dumps(dict(sorted(counts)), sort_keys=True)
 
 
-def build_pipeline(p, conv: Converter, output_dir: str, shards: dict[str, int]) -> None:
-    """Add the conversion to Beam pipeline `p` (see the module docstring)."""
+def build_pipeline(
+    p, conv: Converter, output_dir: str, shards: dict[str, int], train_reports: bool = False
+) -> None:
+    """Add the conversion to Beam pipeline `p` (see the module docstring); with
+    `train_reports` the train reports also go to a temporary `_vocab_texts` file (one per
+    line) that the launcher learns the vocabulary from and deletes."""
     missing = [s for s in conv.splits if s not in shards]
     if missing:
         raise ValueError(f"no shard count for split(s) {missing}")
@@ -568,10 +707,17 @@ def build_pipeline(p, conv: Converter, output_dir: str, shards: dict[str, int]) 
         | "ReadMetadata" >> beam.FlatMap(_generate_rows, conv)
         | "Redistribute" >> beam.Reshuffle()
     )
-    results = rows | "Convert" >> beam.ParDo(ConvertFn(conv)).with_outputs(
-        "skipped", main="examples"
+    results = rows | "Convert" >> beam.ParDo(ConvertFn(conv, train_reports)).with_outputs(
+        "skipped", "reports", "train_labels", main="examples"
+    )
+    results.train_labels | "WriteTrainLabels" >> beam.io.WriteToText(
+        join(output_dir, TRAIN_LABELS_PREFIX), file_name_suffix=".txt", shard_name_template=""
     )
     examples, skipped = results.examples, results.skipped
+    if train_reports:
+        results.reports | "WriteReports" >> beam.io.WriteToText(
+            join(output_dir, VOCAB_TEXTS_PREFIX), file_name_suffix=".txt", shard_name_template=""
+        )
     for split in conv.splits:
         (
             examples
@@ -630,7 +776,16 @@ def _clear_output(output_dir: str, overwrite: bool) -> None:
             f"{output_dir} already holds a corpus ({len(old)} shard/manifest files); "
             "pass --overwrite to replace it"
         )
-    delete(old + match(join(output_dir, STATS_PREFIX + "*")))
+    # The vocabulary and split files of a corpus being replaced go with it (a vocab.txt
+    # put in an empty folder by hand stays: it is not a converter's).
+    derived = match(join(output_dir, VOCAB_NAME)) + match(join(output_dir, "splits", "*.txt"))
+    delete(
+        old
+        + (derived if old else [])
+        + match(join(output_dir, STATS_PREFIX + "*"))
+        + match(join(output_dir, VOCAB_TEXTS_PREFIX + "*"))
+        + match(join(output_dir, TRAIN_LABELS_PREFIX + "*"))
+    )
 
 
 def _write_manifest(man: manifest_lib.Manifest, output_dir: str, checksum_shards: bool) -> None:
@@ -656,6 +811,113 @@ def shard_counts(conv: Converter, shards: int | dict[str, int] | None, eval_shar
     return {s: (n if s == "train" else m) for s in conv.splits}
 
 
+def file_size(path: str) -> int | None:
+    """Bytes of a local or Beam-filesystem file; None when it does not exist."""
+    try:
+        if _is_remote(path):
+            from apache_beam.io.filesystems import FileSystems
+
+            found = FileSystems.match([path])[0].metadata_list
+            return int(found[0].size_in_bytes) if found else None
+        return os.path.getsize(path)
+    except Exception:  # OSError locally; object stores raise their own kinds
+        return None
+
+
+def plan_shards(
+    conv: Converter,
+    target_shard_bytes: int = TARGET_SHARD_BYTES,
+    examples_per_shard: int = 0,
+) -> tuple[dict[str, int], dict]:
+    """Shards per split from the data: the launcher counts the rows of each split (a row
+    without a split yet, e.g. SIIM's patient hash read from the DICOM, counts for every
+    split) and estimates the bytes of an example from a sample of image files; a split
+    gets ceil(rows / examples_per_shard), or ceil(bytes / target_shard_bytes), shards,
+    at least 1 and at most one per row. Returns (counts, the plan for the manifest)."""
+    if target_shard_bytes <= 0 and examples_per_shard <= 0:
+        raise ValueError("give a positive target_shard_bytes or examples_per_shard")
+    rows: Counter = Counter()
+    unsplit = 0
+    sizes: list[int] = []
+    for row in conv.iter_rows():
+        if isinstance(row, Skipped):
+            continue
+        if row.get("split") in conv.splits:
+            rows[row["split"]] += 1
+        else:
+            unsplit += 1
+        if len(sizes) < SIZE_SAMPLE and row.get("image_path"):
+            size = file_size(row["image_path"])
+            if size is not None:
+                sizes.append(size)
+    example_bytes = int(sum(sizes) / len(sizes)) if sizes else 0
+    counts = {}
+    for split in conv.splits:
+        n = rows[split] + unsplit
+        if examples_per_shard > 0:
+            want = -(-n // examples_per_shard)
+        else:
+            want = -(-n * example_bytes // target_shard_bytes)
+        counts[split] = max(1, min(want, n))
+    plan = {
+        "rows": {s: rows[s] + unsplit for s in conv.splits},
+        "estimated_example_bytes": example_bytes,
+        "target_shard_bytes": int(target_shard_bytes) if examples_per_shard <= 0 else None,
+        "examples_per_shard": int(examples_per_shard) or None,
+    }
+    return counts, plan
+
+
+def learn_corpus_vocabulary(conv: Converter, output_dir: str, vocab_size: int) -> dict | None:
+    """Learn `vocab.txt` from the train reports the pipeline wrote to the temporary
+    `_vocab_texts.txt` (then deleted); None when the train split has no report text."""
+    from place_tf.data import tokenizer as tokenizer_lib
+
+    paths = match(join(output_dir, VOCAB_TEXTS_PREFIX + "*"))
+    try:
+        texts = [ln for p in paths for ln in read_text(p).splitlines() if ln.strip()]
+    finally:
+        delete(paths)
+    if not texts:
+        log.info("%s: the train split has no report text: no %s written", conv.name, VOCAB_NAME)
+        return None
+    vocab = tokenizer_lib.learn_vocabulary(texts, vocab_size, None)
+    path = join(output_dir, VOCAB_NAME)
+    write_bytes(path, "".join(t + "\n" for t in vocab).encode("utf-8"))
+    log.info(
+        "%s: %s: %d WordPiece tokens from the train reports", conv.name, VOCAB_NAME, len(vocab)
+    )
+    return {
+        "file": VOCAB_NAME,
+        "size": len(vocab),
+        "requested_size": int(vocab_size),
+        "learned_from": "train split reports (FINDINGS + IMPRESSION)",
+        "reports": len(texts),
+        "sha256": sha256_path(path),
+    }
+
+
+def write_fraction_splits(conv: Converter, output_dir: str, seed: int = 0) -> dict:
+    """`<corpus>/splits/train_{1,10,100}pct.txt` (place_tf.data.splits) from the train
+    split's (id, class, labels) the pipeline wrote to a temporary file (then deleted)."""
+    from place_tf.data import splits as splits_lib
+
+    paths = match(join(output_dir, TRAIN_LABELS_PREFIX + "*"))
+    try:
+        examples = [
+            tuple(json.loads(ln)) for p in paths for ln in read_text(p).splitlines() if ln.strip()
+        ]
+    finally:
+        delete(paths)
+    if not examples:
+        return {}
+    if _is_remote(output_dir):
+        log.info("%s: split files are written for local corpora only", conv.name)
+        return {}
+    written = splits_lib.write_label_fraction_splits(output_dir, seed=seed, examples=examples)
+    return {f"{f:g}": os.path.basename(p) for f, p in written.items()}
+
+
 def run_conversion(
     conv: Converter,
     output_dir: str,
@@ -664,6 +926,11 @@ def run_conversion(
     beam_args: Sequence[str] | None = None,
     overwrite: bool = False,
     checksum_shards: bool = True,
+    *,
+    target_shard_bytes: int = TARGET_SHARD_BYTES,
+    examples_per_shard: int = 0,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    splits_from: str = "",
 ) -> dict:
     """Check the layout, run the Beam pipeline, write and return the manifest (as JSON dict).
 
@@ -671,6 +938,12 @@ def run_conversion(
     without a runner the DirectRunner runs multi-processing on all cores. Input and
     output may be local paths or any Beam filesystem (gs://, s3://, hdfs://): remote
     workers cannot write to the launcher's disk, so give them a shared output.
+
+    Shards: `shards` (train) / `eval_shards` fix the counts; without them the counts follow
+    the data (`plan_shards`: `examples_per_shard`, else `target_shard_bytes`).
+    Vocabulary: when the train split has report text and `vocab_size` > 0, `vocab.txt` is
+    learned from the train reports (the trainer's `<corpus>/vocab.txt`).
+    `splits_from`: a peer's split file (see `read_split_file`) replaces the splits.
     """
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -678,8 +951,14 @@ def run_conversion(
     if not _is_remote(output_dir):
         os.makedirs(output_dir, exist_ok=True)
     _clear_output(output_dir, overwrite)
+    if splits_from:
+        conv.load_split_file(splits_from)
     conv.prepare(output_dir)
-    per_split = shard_counts(conv, shards, eval_shards)
+    plan = None
+    if shards is None and eval_shards is None:
+        per_split, plan = plan_shards(conv, target_shard_bytes, examples_per_shard)
+    else:
+        per_split = shard_counts(conv, shards, eval_shards)
     options = PipelineOptions(default_beam_args(beam_args))
     log.info(
         "%s: converting %s -> %s (shards %s, %s)",
@@ -689,8 +968,9 @@ def run_conversion(
         per_split,
         options.get_all_options().get("runner"),
     )
+    train_reports = bool(vocab_size) and "train" in conv.splits
     p = beam.Pipeline(options=options)
-    build_pipeline(p, conv, output_dir, per_split)
+    build_pipeline(p, conv, output_dir, per_split, train_reports)
     result = p.run()
     result.wait_until_finish()
     _log_metrics(conv, result)
@@ -701,6 +981,8 @@ def run_conversion(
     lines = [ln for ln in read_text(stats_files[0]).splitlines() if ln.strip()]
     counts = json.loads(lines[0]) if lines else {}
     delete(stats_files)
+    vocabulary = learn_corpus_vocabulary(conv, output_dir, vocab_size) if train_reports else None
+    fraction_files = write_fraction_splits(conv, output_dir)
 
     man = manifest_lib.Manifest(source=conv.name)
     for split, n in per_split.items():
@@ -715,12 +997,21 @@ def run_conversion(
     for path in conv.source_files():
         rel = path[len(conv.input_dir) :].lstrip("/\\") if path.startswith(conv.input_dir) else path
         man.source_checksums[rel] = sha256_path(path)
+    if splits_from:
+        for path in [x.split("=", 1)[-1].strip() for x in splits_from.split(",") if x.strip()]:
+            man.source_checksums[path] = sha256_path(path)
     man.generator = {
         "tool": "place_tf.data.convert",
         "converter": conv.name,
         "options": _jsonable(conv.options()),
         "apache_beam": beam.__version__,
+        "sharding": plan or {"fixed": per_split},
+        "splits_from": splits_from or None,
+        "vocabulary": vocabulary,
+        "label_fraction_splits": fraction_files,
     }
+    if vocabulary:  # the keys SynthCXR's manifest uses for its vocabulary
+        man.generator.update({"vocab_file": VOCAB_NAME, "vocab_size": vocabulary["size"]})
     _write_manifest(man, output_dir, checksum_shards)
     summary = ", ".join(f"{s}={man.splits[s]['examples']}" for s in per_split)
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(man.skipped.items())) or "none"

@@ -8,7 +8,19 @@ Layout (Stanford download, either size; the folder may be renamed):
 `Path` starts with the download's folder name ("CheXpert-v1.0-small/train/..."); that first
 component is dropped, so both sizes give the same image ids ("train/patient00001/...").
 
-Splits: train.csv -> "train", valid.csv -> "validate", test.csv -> "test".
+Splits (MGCA's protocol, which the PLACE tables follow; HKU-MedAI/MGCA
+mgca/preprocess/chexpert.py and mgca/constants.py):
+- without test.csv (CheXpert-v1.0-small, and v1.0 before the test labels were released):
+  valid.csv -> "test" (the 234 expert-labelled images), and --validate_holdout (default
+  CHEXPERT_VALID_NUM = 5000) train.csv rows -> "validate", drawn as MGCA does:
+  numpy RandomState(--seed, default 0).choice(rows, n, replace=False) over the train.csv
+  rows in file order after --exclude (MGCA removes its 5x200 images first); the hold-out
+  is drawn before the view filter, as in MGCA, so fewer frontal images end up there.
+  (MGCA then does `df.drop(valid_ids)` with positions as index labels, which lets some
+  rows sit in both splits; we keep the two disjoint.)
+- with test.csv: the official split, train.csv -> "train", valid.csv -> "validate",
+  test.csv -> "test".
+--splits_from replaces either with a peer's split file.
 Labels: 1.0 / 0.0 / -1.0 / blank -> 1 / 0 / uncertain / LABEL_MISSING, with
 --uncertain_policy: keep (store -1, the schema's "uncertain"; default, so no information
 is lost at conversion), ones (U-Ones), zeros (U-Zeros), ignore (-> LABEL_MISSING).
@@ -17,8 +29,10 @@ Views: frontal images whose AP/PA is in --views (default PA,AP); "all" keeps lat
 
 CheXpert 5x200 (zero-shot classification / retrieval, as in GLoRIA and MGCA): 200 frontal
 training images per competition label (Atelectasis, Cardiomegaly, Consolidation, Edema,
-Pleural Effusion) that are positive (1.0) for that label and 0.0 or blank for the other
-four (uncertain excludes), sampled with a fixed seed. `build_chexpert_5x200` writes
+Pleural Effusion) that are positive (1.0) for that label and 0.0 or blank for every other
+label except "No Finding" (MGCA's rule in mgca/preprocess/chexpert.py: blanks filled with
+0, the 13 other columns compared with a one-hot; uncertain excludes), sampled with a
+fixed seed. `build_chexpert_5x200` writes
 `chexpert_5x200.csv` (Path, label, the five raw label cells) and a corpus whose only split
 is "test"; `labels/class` is the index of the label in schema.COMPETITION_LABELS. Pass that
 CSV to the plain converter as --exclude to keep those images out of a fine-tuning train set.
@@ -40,6 +54,8 @@ import io
 import random
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from place_tf.data import schema
 from place_tf.data.convert import beam_skeleton as bs
 
@@ -47,6 +63,9 @@ UNCERTAIN_POLICIES = ("keep", "ones", "zeros", "ignore")
 DEFAULT_VIEWS = ("PA", "AP")
 CSV_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + schema.CHEXPERT_LABELS
 SPLIT_CSVS = (("train.csv", "train"), ("valid.csv", "validate"), ("test.csv", "test"))
+# Without test.csv (MGCA): valid.csv is the test set, the hold-out of train.csv validates.
+HELD_OUT_CSVS = (("train.csv", "train"), ("valid.csv", "test"))
+VALIDATE_HOLDOUT = 5000  # MGCA's CHEXPERT_VALID_NUM
 FIVE_X_200_CSV = "chexpert_5x200.csv"
 
 _VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "-1.0": -1, "-1": -1, "": schema.LABEL_MISSING}
@@ -121,6 +140,13 @@ def parse_chexpert_row(row: Mapping[str, str], policy: str = "keep") -> dict:
     }
 
 
+def _rel_or_none(path: str) -> str | None:
+    try:
+        return relative_image_path(path)
+    except bs.ParseError:
+        return None
+
+
 def _parse_views(views) -> tuple[str, ...]:
     if isinstance(views, str):
         views = [v for v in views.split(",") if v.strip()]
@@ -139,15 +165,21 @@ class ChexpertConverter(bs.Converter):
         uncertain_policy: str = "keep",
         views: Sequence[str] | str = DEFAULT_VIEWS,
         exclude: str = "",
+        validate_holdout: int = VALIDATE_HOLDOUT,
+        seed: int = 0,
     ):
         super().__init__(input_dir)
         if uncertain_policy not in UNCERTAIN_POLICIES:
             raise ValueError(
                 f"--uncertain_policy must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}"
             )
+        if validate_holdout < 0:
+            raise ValueError(f"--validate_holdout must be >= 0, got {validate_holdout}")
         self.uncertain_policy = uncertain_policy
         self.views = _parse_views(views)
         self.exclude = exclude
+        self.validate_holdout = int(validate_holdout)
+        self.seed = int(seed)
         self._excluded: frozenset[str] = frozenset()
 
     @classmethod
@@ -159,10 +191,39 @@ class ChexpertConverter(bs.Converter):
         parser.add_argument(
             "--exclude", default="", help="CSV with a Path column (e.g. chexpert_5x200.csv)"
         )
+        parser.add_argument(
+            "--validate_holdout",
+            type=int,
+            default=VALIDATE_HOLDOUT,
+            help="without test.csv: train.csv rows held out as 'validate' (valid.csv -> test)",
+        )
+        parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out")
 
     @classmethod
     def from_args(cls, args) -> ChexpertConverter:
-        return cls(args.input, args.uncertain_policy, args.views, args.exclude)
+        return cls(
+            args.input,
+            args.uncertain_policy,
+            args.views,
+            args.exclude,
+            args.validate_holdout,
+            args.seed,
+        )
+
+    def split_file_key(self, value: str) -> str:
+        """A peer's "Path" cell ('CheXpert-v1.0-small/train/...') -> 'train/patient.../...'."""
+        try:
+            return relative_image_path(value)
+        except bs.ParseError:
+            return str(value).strip()
+
+    @property
+    def protocol(self) -> str:
+        """'official' (test.csv present) or 'mgca' (valid.csv -> test, train hold-out)."""
+        return "official" if bs.exists(bs.join(self.input_dir, "test.csv")) else "mgca"
+
+    def options(self) -> dict:
+        return {**super().options(), "protocol": self.protocol}
 
     def check_layout(self) -> None:
         hint = "pass the unzipped CheXpert-v1.0(-small) folder as --input"
@@ -176,11 +237,29 @@ class ChexpertConverter(bs.Converter):
             raise bs.LayoutError(f"--exclude file {self.exclude} not found")
 
     def _csvs(self) -> list[tuple[str, str]]:
+        table = SPLIT_CSVS if self.protocol == "official" else HELD_OUT_CSVS
         return [
             (bs.join(self.input_dir, name), split)
-            for name, split in SPLIT_CSVS
+            for name, split in table
             if bs.exists(bs.join(self.input_dir, name))
         ]
+
+    def _held_out(self, rows: list) -> set[int]:
+        """Positions in `rows` (train.csv) held out as "validate" (module docstring)."""
+        if self.protocol == "official" or not self.validate_holdout:
+            return set()
+        cands = [
+            i
+            for i, r in enumerate(rows)
+            if isinstance(r, dict) and _rel_or_none(r.get("Path", "")) not in self._excluded
+        ]
+        if self.validate_holdout > len(cands):
+            raise bs.LayoutError(
+                f"{bs.join(self.input_dir, 'train.csv')}: --validate_holdout "
+                f"{self.validate_holdout} exceeds its {len(cands)} usable rows"
+            )
+        rng = np.random.RandomState(self.seed)
+        return {cands[int(j)] for j in rng.choice(len(cands), self.validate_holdout, replace=False)}
 
     def source_files(self) -> list[str]:
         return [p for p, _ in self._csvs()]
@@ -208,16 +287,17 @@ class ChexpertConverter(bs.Converter):
 
     def rows(self):
         for path, split in self._csvs():
-            for row in bs.read_csv(path, required=CSV_COLUMNS):
-                yield row if isinstance(row, bs.Skipped) else self.row_from_csv(row, split)
+            rows = list(bs.read_csv(path, required=CSV_COLUMNS))
+            held = self._held_out(rows) if split == "train" else set()
+            for i, row in enumerate(rows):
+                if isinstance(row, bs.Skipped):
+                    yield row
+                else:
+                    yield self.row_from_csv(row, "validate" if i in held else split)
 
     def convert(self, row: dict) -> schema.ExampleRecord:
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["rel_path"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],
@@ -250,7 +330,14 @@ def select_5x200(
         if not parsed["frontal"] or (views and parsed["view"] not in views):
             continue
         comp = [parsed["chexpert"][schema.label_index(c)] for c in schema.COMPETITION_LABELS]
+        rest = [
+            v
+            for name, v in zip(schema.CHEXPERT_LABELS, parsed["chexpert"], strict=True)
+            if name not in schema.COMPETITION_LABELS and name != "No Finding"
+        ]
         if sum(v == 1 for v in comp) != 1 or any(v == -1 for v in comp):
+            continue
+        if any(v not in (0, schema.LABEL_MISSING) for v in rest):  # MGCA: the rest 0/blank
             continue
         cands[schema.COMPETITION_LABELS[comp.index(1)]].append(row)
     rng = random.Random(seed)
@@ -282,7 +369,7 @@ class Chexpert5x200Converter(ChexpertConverter):
         uncertain_policy: str = "keep",
         views: Sequence[str] | str = DEFAULT_VIEWS,
     ):
-        super().__init__(input_dir, uncertain_policy, views)
+        super().__init__(input_dir, uncertain_policy, views, validate_holdout=0)
         self.per_class = int(per_class)
         self.seed = int(seed)
         self.source_csv = source_csv

@@ -164,12 +164,8 @@ class CovidxConverter(bs.Converter):
                 }
 
     def convert(self, row: dict) -> schema.ExampleRecord:
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["filename"],
             subject_id=row["patient_id"],
             split=row["split"],

@@ -112,6 +112,11 @@ class MimicConverter(bs.Converter):
     def from_args(cls, args) -> MimicConverter:
         return cls(args.input, args.reports_dir, args.views, args.uncertain_policy)
 
+    def split_file_key(self, value: str) -> str:
+        """'files/p10/p10000032/s50414267/<dicom_id>.jpg' or '<dicom_id>' -> dicom_id."""
+        name = super().split_file_key(value)
+        return name[: -len(".jpg")] if name.endswith(".jpg") else name
+
     def check_layout(self) -> None:
         hint = "pass the MIMIC-CXR-JPG 2.0.0 folder (physionet.org/files/mimic-cxr-jpg/2.0.0)"
         for name in (METADATA_CSV, SPLIT_CSV, CHEXPERT_CSV):
@@ -197,12 +202,8 @@ class MimicConverter(bs.Converter):
         findings, impression = reports.parse_report(text)
         if not findings and not impression:
             return bs.Skipped(bs.EMPTY_REPORT, row["_key"])
-        data, fmt, h, w = bs.load_image(row["image_path"])
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
+        return bs.image_record(
+            row["image_path"],
             image_id=row["dicom_id"],
             study_id=row["study_id"],
             subject_id=row["subject_id"],

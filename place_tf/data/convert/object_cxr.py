@@ -146,20 +146,11 @@ class ObjectCxrConverter(bs.Converter):
             parse_object_cxr_annotation(row["annotation"])
         except bs.ParseError as e:
             raise bs.SkipError(bs.BAD_ANNOTATION, str(e)) from None
-        data, fmt, h, w = bs.load_image(row["image_path"])
+        rec = bs.image_record(row["image_path"], image_id=row["image_name"], split=row["split"])
         try:
-            boxes = annotation_boxes(row["annotation"], h, w)
+            rec.boxes = annotation_boxes(row["annotation"], rec.height, rec.width)
         except bs.ParseError as e:
             raise bs.SkipError(bs.BAD_ANNOTATION, str(e)) from None
-        return schema.ExampleRecord(
-            image=data,
-            image_format=fmt,
-            height=h,
-            width=w,
-            image_id=row["image_name"],
-            split=row["split"],
-            source=self.name,
-            class_label=int(bool(boxes)),
-            boxes=boxes,
-            box_labels=[self._box_index] * len(boxes),
-        )
+        rec.box_labels = [self._box_index] * len(rec.boxes)
+        rec.class_label = int(bool(rec.boxes))
+        return rec

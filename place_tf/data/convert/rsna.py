@@ -10,6 +10,9 @@ Layout (Kaggle download):
   is the other sensible choice: RSNA boxes mark opacities suspicious for pneumonia).
 - `labels/class` = Target (0/1); `labels/chexpert` has Pneumonia = Target, the rest
   LABEL_MISSING.
+- Segmentation masks from the boxes (MGCA's RSNA segmentation protocol: the union of the
+  patient's boxes filled, label --box_label; an empty mask for a negative), unless
+  --nomasks_from_boxes.
 - DICOM -> PNG (beam_skeleton.dicom_to_png: 8-bit stays 8-bit, MONOCHROME1 inverted).
 - Only the train labels are public, so splits are by patient hash (--split_fractions,
   default 0.7,0.15,0.15 train/validate/test as in GLoRIA/MGCA; salt "rsna").
@@ -102,8 +105,10 @@ class RsnaConverter(bs.Converter):
         split_fractions: Sequence[float] | str = (0.7, 0.15, 0.15),
         labels_csv: str = LABELS_CSV,
         images_dir: str = IMAGES_DIR,
+        masks_from_boxes: bool = True,
     ):
         super().__init__(input_dir)
+        self.masks_from_boxes = bool(masks_from_boxes)
         self.box_label = box_label
         self._box_index = schema.label_index(box_label)
         self.split_fractions = _fractions(split_fractions)
@@ -116,12 +121,28 @@ class RsnaConverter(bs.Converter):
         parser.add_argument("--split_fractions", default="0.7,0.15,0.15")
         parser.add_argument("--labels_csv", default=LABELS_CSV)
         parser.add_argument("--images_dir", default=IMAGES_DIR)
+        parser.add_argument(
+            "--nomasks_from_boxes",
+            dest="masks_from_boxes",
+            action="store_false",
+            help="no segmentation masks (by default the filled boxes, as MGCA)",
+        )
 
     @classmethod
     def from_args(cls, args) -> RsnaConverter:
         return cls(
-            args.input, args.box_label, args.split_fractions, args.labels_csv, args.images_dir
+            args.input,
+            args.box_label,
+            args.split_fractions,
+            args.labels_csv,
+            args.images_dir,
+            args.masks_from_boxes,
         )
+
+    def split_file_key(self, value: str) -> str:
+        """'<patientId>' or '.../<patientId>.dcm' -> patientId."""
+        name = super().split_file_key(value)
+        return name[: -len(".dcm")] if name.endswith(".dcm") else name
 
     def check_layout(self) -> None:
         hint = "pass the unzipped rsna-pneumonia-detection-challenge folder"
@@ -171,6 +192,9 @@ class RsnaConverter(bs.Converter):
             raise bs.SkipError(bs.BAD_ANNOTATION, str(e)) from None
         chexpert = [schema.LABEL_MISSING] * schema.NUM_CHEXPERT
         chexpert[schema.label_index("Pneumonia")] = row["target"]
+        masks = []
+        if self.masks_from_boxes:
+            masks = [bs.mask_png(box_mask(boxes, h, w))]
         return schema.ExampleRecord(
             image=png,
             image_format="png",
@@ -185,4 +209,19 @@ class RsnaConverter(bs.Converter):
             class_label=row["target"],
             boxes=boxes,
             box_labels=[self._box_index] * len(boxes),
+            masks=masks,
+            mask_labels=[self._box_index] * len(masks),
         )
+
+
+def box_mask(boxes, height: int, width: int):
+    """(height, width) bool mask: the union of normalised [x0, y0, x1, y1] boxes, filled
+    over the pixels they cover (rounded outward)."""
+    import numpy as np
+
+    mask = np.zeros((height, width), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = int(np.floor(x0 * width)), int(np.floor(y0 * height))
+        c1, r1 = int(np.ceil(x1 * width)), int(np.ceil(y1 * height))
+        mask[r0:r1, c0:c1] = True
+    return mask

@@ -184,7 +184,7 @@ class SiimConverter(bs.Converter):
             image_id=row["image_id"],
             subject_id=subject,
             view=str(ds.get("ViewPosition", "")).strip().upper(),
-            split=splits.hash_split(subject, self.split_fractions, salt="siim"),
+            split=row.get("split") or splits.hash_split(subject, self.split_fractions, salt="siim"),
             source=self.name,
             chexpert=chexpert,
             class_label=positive,
