@@ -50,12 +50,12 @@ def within_sample_slot_cosine(observations) -> tf.Tensor:
     return tf.reduce_mean(_mean_off_diagonal(gram))
 
 
-def attention_entropy(attention, token_mask=None) -> tf.Tensor:
-    """float32 [K]: each query's attention entropy over the tokens, normalised by log(n)
-    where n is the example's number of unmasked tokens, averaged over the examples.
+def attention_entropy_per_example(attention, token_mask=None) -> tf.Tensor:
+    """float32 [B, K]: each query's attention entropy over the tokens of its example,
+    normalised by log(n), n = the example's number of unmasked tokens (n = 1 gives 0).
 
     attention [B, K, N] (rows sum to 1 over the unmasked tokens); token_mask [B, N] bool
-    (True = real token) or None (all real). An example with n = 1 counts as entropy 0.
+    (True = real token) or None (all real).
     """
     p = tf.stop_gradient(to_float32(attention))
     check_rank(p, 3, "attention", "attention_entropy")
@@ -68,8 +68,12 @@ def attention_entropy(attention, token_mask=None) -> tf.Tensor:
         n = tf.reduce_sum(mask, axis=-1)
     plogp = tf.where(p > 0, p * tf.math.log(tf.maximum(p, 1e-30)), tf.zeros_like(p))
     entropy = -tf.reduce_sum(plogp, axis=-1)  # [B, K]
-    normalised = tf.math.divide_no_nan(entropy, tf.math.log(tf.maximum(n, 1.0))[:, None])
-    return tf.reduce_mean(normalised, axis=0)
+    return tf.math.divide_no_nan(entropy, tf.math.log(tf.maximum(n, 1.0))[:, None])
+
+
+def attention_entropy(attention, token_mask=None) -> tf.Tensor:
+    """float32 [K]: `attention_entropy_per_example` averaged over the examples."""
+    return tf.reduce_mean(attention_entropy_per_example(attention, token_mask), axis=0)
 
 
 def diagonal_mass(target) -> tf.Tensor:

@@ -15,13 +15,19 @@ from place_tf.losses.gather import (
 )
 
 
-def symmetric_infonce(logits) -> tf.Tensor:
-    """0.5 * (CE over rows + CE over columns) of square logits [..., M, M], positives on the
-    diagonal; returns the mean over the M positives for each leading index -> [...]."""
+def symmetric_infonce_per_positive(logits) -> tf.Tensor:
+    """0.5 * (CE of row m + CE of column m) of square logits [..., M, M] for each positive
+    (m, m) on the diagonal -> [..., M]."""
     logits = to_float32(logits)
     rows = diagonal(tf.nn.log_softmax(logits, axis=-1))
     cols = diagonal(tf.nn.log_softmax(logits, axis=-2))
-    return -0.5 * (tf.reduce_mean(rows, axis=-1) + tf.reduce_mean(cols, axis=-1))
+    return -0.5 * (rows + cols)
+
+
+def symmetric_infonce(logits) -> tf.Tensor:
+    """0.5 * (CE over rows + CE over columns) of square logits [..., M, M], positives on the
+    diagonal; returns the mean over the M positives for each leading index -> [...]."""
+    return tf.reduce_mean(symmetric_infonce_per_positive(logits), axis=-1)
 
 
 def ita_loss(image_emb, text_emb, logit_scale) -> tf.Tensor:
