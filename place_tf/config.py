@@ -107,6 +107,18 @@ class ObjectiveConfig:
     ema_momentum: float = 0.996
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
+    # Method diagnostics (issue #21) as extra "diag/..." keys of compute_losses' dict.
+    diagnostics: bool = True
+    # [design] variants of issue #21 (the defaults are the recipe of place-method.md).
+    pcma_presence: str = "none"  # "none" | "text_attention": presence-weighted L_inter
+    cce_exclude_diagonal: bool = False  # CCE target and student without self-similarity
+    cce_center: bool = False  # CCE on mean-centred patch tokens ("covariance" target)
+    # MGCA's code (HKU-MedAI/MGCA); objectives.objective_config("mgca") sets these.
+    ita_sum_directions: bool = False  # ITA = CE(i->t) + CE(t->i) instead of their mean
+    cta_attention: str = "learned"  # "learned" (MultiHeadAttention) | "parameter_free"
+    projection_head: str = "mlp"  # global/local heads: "mlp" | "mgca" (Linear-BN-ReLU-Linear-BN)
+    projection_hidden: int = 0  # hidden width of those heads; 0 = 4 * embed_dim
+    freeze_prototypes_epochs: int = 0  # CPA prototypes get no gradient in these epochs
 
 
 @dataclasses.dataclass
