@@ -60,6 +60,17 @@ def cross_attend(query_tokens, key_tokens, key_mask=None, temperature: float = 0
     return tf.matmul(tf.nn.softmax(scores, axis=-1), k)
 
 
+def _token_mask(mask, tokens: tf.Tensor, name: str, temperature: float, fn: str) -> tf.Tensor:
+    """`mask` as bool [B, L] matching tokens [B, L, D]; also checks the temperature."""
+    mask = tf.cast(mask, tf.bool)
+    check_rank(mask, 2, name, fn)
+    if not mask.shape.is_compatible_with(tokens.shape[:2]):
+        raise ValueError(f"{fn}: {name} must be [B, L] = {tokens.shape[:2]}, got {mask.shape}")
+    if temperature <= 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    return mask
+
+
 def _token_infonce(sim: tf.Tensor, mask: tf.Tensor, weights, mask_softmax=True) -> tf.Tensor:
     """Per-example bidirectional token InfoNCE of sim [B, M, M] (positives on the diagonal),
     padding (mask [B, M] False) removed from both softmaxes (unless `mask_softmax` is
@@ -104,12 +115,7 @@ def cta_per_example(
     check_rank(txt, 3, "txt_tokens", fn)
     check_same_shape(txt, img_for_txt, "txt_tokens and attn_img_for_txt", fn)
     check_same_shape(img, txt_for_img, "img_tokens and attn_txt_for_img", fn)
-    mask = tf.cast(txt_mask, tf.bool)
-    check_rank(mask, 2, "txt_mask", fn)
-    if not mask.shape.is_compatible_with(txt.shape[:2]):
-        raise ValueError(f"{fn}: txt_mask must be [B, L] = {txt.shape[:2]}, got {mask.shape}")
-    if temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    mask = _token_mask(txt_mask, txt, "txt_mask", temperature, fn)
 
     word_sim = tf.matmul(txt, img_for_txt, transpose_b=True) / temperature  # [B, L, L]
     word = _token_infonce(word_sim, mask, word_weights)
@@ -171,12 +177,7 @@ def cta_parameter_free_per_example(
     words = to_float32(word_emb)
     check_rank(patches, 3, "patch_emb", fn)
     check_rank(words, 3, "word_emb", fn)
-    mask = tf.cast(word_mask, tf.bool)
-    check_rank(mask, 2, "word_mask", fn)
-    if not mask.shape.is_compatible_with(words.shape[:2]):
-        raise ValueError(f"{fn}: word_mask must be [B, L] = {words.shape[:2]}, got {mask.shape}")
-    if temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    mask = _token_mask(word_mask, words, "word_mask", temperature, fn)
     word_attended = tf.math.l2_normalize(cross_attend(words, patches, None, temperature), -1)
     word_sim = tf.matmul(words, word_attended, transpose_b=True) / temperature  # [B, L, L]
     word = _token_infonce(word_sim, mask, word_weights, mask_softmax=False)

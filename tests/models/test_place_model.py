@@ -8,6 +8,7 @@ import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny_batches import make_batch
 
 from place_tf.config import ObjectiveConfig, tiny_model_config
 from place_tf.models.objectives import (
@@ -22,17 +23,6 @@ from place_tf.models.place_model import PLACEModel, num_visible_patches
 
 def tiny(**overrides):
     return tiny_model_config(**overrides)
-
-
-def make_batch(b=4, size=32, length=16, seed=0):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(4, length + 1, b)
-    return {
-        "image": rng.uniform(-1, 1, (b, size, size, 1)).astype("float32"),
-        "token_ids": rng.integers(5, 64, (b, length)).astype("int32"),
-        "padding_mask": np.arange(length)[None, :] < lengths[:, None],
-        "labels": np.zeros((b, 14), "float32"),
-    }
 
 
 @pytest.fixture(scope="module")
