@@ -27,6 +27,7 @@ from place_tf.losses.mgca import (
     cta_loss,
     cta_parameter_free_per_example,
     cta_per_example,
+    quantile_clipped_weights,
     sinkhorn,
 )
 from place_tf.losses.pcma import PCMALoss, pcma_loss, text_presence
@@ -51,6 +52,7 @@ __all__ = [
     "observation_diagnostics",
     "pcma_loss",
     "per_example_to_replica",
+    "quantile_clipped_weights",
     "replica_info",
     "scale_grad_for_replicas",
     "sinkhorn",

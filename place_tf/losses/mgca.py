@@ -18,8 +18,9 @@ patch attends to the words with padding words masked (-inf); for a ViT the patch
 word feature is NOT re-normalised (only the CNN branch normalises it). The word InfoNCE
 softmaxes run over all word positions, padding included (MGCA pads its word-aggregated
 features with zeros and only zero-weights them), with word weights normalised over the
-real words. Word weights: MGCA's are the last-layer [CLS] attention clipped to the
-10-90 % quantiles; they are uniform here unless given.
+real words. Word and patch weights: MGCA's are the last-layer [CLS] attention clipped to
+the 10-90 % quantiles (`quantile_clipped_weights`); they are uniform unless given (our
+encoders do not return that attention).
 
 CPA: prototype scores of the global batch -> Sinkhorn-Knopp codes (no gradient); each
 modality's codes are predicted from the other modality's prototype softmax (swapped
@@ -188,6 +189,31 @@ def cta_parameter_free_per_example(
     all_patches = tf.ones(tf.shape(patch_sim)[:2], tf.bool)
     patch = _token_infonce(patch_sim, all_patches, patch_weights, mask_softmax=False)
     return word + patch
+
+
+def quantile_clipped_weights(weights, mask=None, low: float = 0.1, high: float = 0.9):
+    """float32 [B, L]: MGCA's token weights — each example's attention weights [B, L]
+    clipped to its own `low`..`high` quantiles over the real tokens (mask [B, L], True =
+    real; None = all), 0 at the others. Quantiles interpolate linearly as torch.quantile
+    does (MGCA.forward clips the last-layer [CLS] attention of words and patches so; the
+    loss normalises the weights over the real tokens)."""
+    w = to_float32(weights)
+    check_rank(w, 2, "weights", "quantile_clipped_weights")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"quantile_clipped_weights: need 0 <= low <= high <= 1, got {low}, {high}")
+    real = tf.ones_like(w, tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    n = tf.reduce_sum(tf.cast(real, tf.int32), axis=-1, keepdims=True)  # [B, 1]
+    ordered = tf.sort(tf.where(real, w, tf.float32.max), axis=-1)  # real values first
+
+    def quantile(q):
+        pos = q * tf.cast(tf.maximum(n - 1, 0), tf.float32)
+        below = tf.floor(pos)
+        lo = tf.gather(ordered, tf.cast(below, tf.int32), batch_dims=1)
+        hi = tf.gather(ordered, tf.cast(tf.math.ceil(pos), tf.int32), batch_dims=1)
+        return lo + (pos - below) * (hi - lo)
+
+    clipped = tf.clip_by_value(w, quantile(low), quantile(high))
+    return tf.where(real, clipped, tf.zeros_like(clipped))
 
 
 def sinkhorn(scores, epsilon: float = 0.05, iterations: int = 3) -> tf.Tensor:

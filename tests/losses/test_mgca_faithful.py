@@ -10,7 +10,11 @@ import tensorflow as tf
 
 from place_tf.losses.gather import per_example_to_replica
 from place_tf.losses.ita import ita_loss
-from place_tf.losses.mgca import cross_attend, cta_parameter_free_per_example
+from place_tf.losses.mgca import (
+    cross_attend,
+    cta_parameter_free_per_example,
+    quantile_clipped_weights,
+)
 
 
 def f32(x):
@@ -54,13 +58,17 @@ def test_summed_ita_by_hand():
     )
 
 
-def mgca_local_reference(patch, word, pad, temp, normalize_patch_attended=False):
-    """MGCA.forward's loss_local (bidirectional), uniform word/patch weights, float64."""
+def mgca_local_reference(
+    patch, word, pad, temp, normalize_patch_attended=False, word_w=None, patch_w=None
+):
+    """MGCA.forward's loss_local (bidirectional), float64; word/patch weights are
+    normalised per example (uniform when None; padding words weigh 0)."""
     bz, n = patch.shape[:2]
     length = word.shape[1]
-    word_w = (~pad).astype(float)
-    word_w /= word_w.sum(1, keepdims=True)
-    patch_w = np.full((bz, n), 1.0 / n)
+    word_w = (~pad).astype(float) if word_w is None else word_w * ~pad
+    word_w = word_w / word_w.sum(1, keepdims=True)
+    patch_w = np.ones((bz, n)) if patch_w is None else patch_w
+    patch_w = patch_w / patch_w.sum(1, keepdims=True)
     loss_word_1 = loss_word_2 = loss_patch_1 = loss_patch_2 = 0.0
     for b in range(bz):
         att = softmax(word[b] @ patch[b].T / temp)
@@ -116,3 +124,42 @@ def test_parameter_free_cta_rejects_bad_mask():
     x = f32(np.ones((2, 3, 4)))
     with pytest.raises(ValueError, match="cta_parameter_free: word_mask must be"):
         cta_parameter_free_per_example(x, x, np.ones((2, 4), bool))
+
+
+def test_quantile_clipped_weights_match_torch_quantile_semantics():
+    rng = np.random.default_rng(5)
+    w = rng.uniform(0.0, 1.0, size=(3, 7)).astype("float32")
+    mask = np.ones((3, 7), bool)
+    mask[1, 4:] = False  # 4 real words
+    mask[2, 1:] = False  # a single real word: clipped to itself
+    got = quantile_clipped_weights(f32(w), mask).numpy()
+    for b in range(3):
+        real = w[b, mask[b]]
+        lo, hi = np.quantile(real, 0.1), np.quantile(real, 0.9)  # linear, as torch.quantile
+        np.testing.assert_allclose(got[b, mask[b]], np.clip(real, lo, hi), rtol=1e-6)
+        assert np.all(got[b, ~mask[b]] == 0.0)
+    # By hand: 0, 1, ..., 10 -> quantiles 1 and 9.
+    ramp = np.arange(11, dtype="float32")[None]
+    np.testing.assert_allclose(
+        quantile_clipped_weights(f32(ramp)).numpy()[0], np.clip(ramp[0], 1.0, 9.0)
+    )
+
+
+def test_parameter_free_cta_with_clipped_attention_weights_matches_mgca_code():
+    rng = np.random.default_rng(6)
+    patch = unit(rng.normal(size=(2, 5, 4)))
+    word = unit(rng.normal(size=(2, 4, 4)))
+    pad = np.array([[False, False, False, True], [False, False, False, False]])
+    word_attn = rng.uniform(0.01, 1.0, size=(2, 4)) * ~pad
+    patch_attn = rng.uniform(0.01, 1.0, size=(2, 5))
+    word_w = quantile_clipped_weights(f32(word_attn), ~pad)
+    patch_w = quantile_clipped_weights(f32(patch_attn))
+    got = per_example_to_replica(
+        cta_parameter_free_per_example(
+            f32(patch), f32(word), ~pad, 0.1, word_weights=word_w, patch_weights=patch_w
+        )
+    )
+    want = mgca_local_reference(
+        patch, word, pad, 0.1, word_w=word_w.numpy(), patch_w=patch_w.numpy()
+    )
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
