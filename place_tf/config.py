@@ -119,6 +119,7 @@ class ObjectiveConfig:
     # MGCA's code (HKU-MedAI/MGCA); objectives.objective_config("mgca") sets these.
     ita_sum_directions: bool = False  # ITA = CE(i->t) + CE(t->i) instead of their mean
     cta_attention: str = "learned"  # "learned" (MultiHeadAttention) | "parameter_free"
+    cta_word_weights: str = "uniform"  # "uniform" | "cls_attention" (parameter_free only)
     projection_head: str = "mlp"  # global/local heads: "mlp" | "mgca" (Linear-BN-ReLU-Linear-BN)
     projection_hidden: int = 0  # hidden width of those heads; 0 = 4 * embed_dim
     freeze_prototypes_epochs: int = 0  # CPA prototypes get no gradient in these epochs

@@ -19,8 +19,8 @@ word feature is NOT re-normalised (only the CNN branch normalises it). The word 
 softmaxes run over all word positions, padding included (MGCA pads its word-aggregated
 features with zeros and only zero-weights them), with word weights normalised over the
 real words. Word and patch weights: MGCA's are the last-layer [CLS] attention clipped to
-the 10-90 % quantiles (`quantile_clipped_weights`); they are uniform unless given (our
-encoders do not return that attention).
+the 10-90 % quantiles (`quantile_clipped_weights`); they are uniform unless given
+(PLACEModel gives word weights with cta_word_weights="cls_attention").
 
 CPA: prototype scores of the global batch -> Sinkhorn-Knopp codes (no gradient); each
 modality's codes are predicted from the other modality's prototype softmax (swapped
@@ -196,7 +196,7 @@ def quantile_clipped_weights(weights, mask=None, low: float = 0.1, high: float =
     clipped to its own `low`..`high` quantiles over the real tokens (mask [B, L], True =
     real; None = all), 0 at the others. Quantiles interpolate linearly as torch.quantile
     does (MGCA.forward clips the last-layer [CLS] attention of words and patches so; the
-    loss normalises the weights over the real tokens)."""
+    CTA losses normalise the weights over the real tokens)."""
     w = to_float32(weights)
     check_rank(w, 2, "weights", "quantile_clipped_weights")
     if not 0.0 <= low <= high <= 1.0:

@@ -26,7 +26,8 @@ OBJECTIVES = set(OBJECTIVE_TERMS)
 # Settings a preset changes besides its λ (explicit overrides still win). MGCA as its code
 # runs (HKU-MedAI/MGCA mgca/models/mgca/mgca_module.py, mgca/models/backbones/encoder.py):
 # a fixed ITA temperature 0.07 (softmax_temperature) with the two cross-entropies summed,
-# parameter-free token attention (use_local_atten=False), Linear-BN-ReLU-Linear-BN heads
+# parameter-free token attention (use_local_atten=False) with word weights from the last
+# layer's [CLS] attention clipped to its 10-90 % quantiles, Linear-BN-ReLU-Linear-BN heads
 # with hidden 2048, prototypes frozen in epoch 0 (freeze_prototypes_epochs=1). Its λ stay
 # 1/1/1: the README's command (`python mgca_module.py --gpus 2 --strategy ddp`) passes the
 # argparse defaults --lambda_1/2/3 = 1 to MGCA(**args.__dict__), which override the
@@ -37,6 +38,7 @@ PRESET_SETTINGS: dict[str, dict] = {
         temperature_init=0.07,
         ita_sum_directions=True,
         cta_attention="parameter_free",
+        cta_word_weights="cls_attention",
         projection_head="mgca",
         projection_hidden=2048,
         freeze_prototypes_epochs=1,
@@ -47,6 +49,7 @@ CCE_TEACHERS = ("stopgrad", "ema")
 CHOICES = {
     "pcma_presence": ("none", "text_attention"),
     "cta_attention": ("learned", "parameter_free"),
+    "cta_word_weights": ("uniform", "cls_attention"),
     "projection_head": ("mlp", "mgca"),
 }
 

@@ -17,7 +17,12 @@ ObjectiveConfig.projection_head="mgca" (MGCA's Linear-BN-ReLU-Linear-BN heads, t
 preset) puts synchronized BatchNorms in the global and local heads. Their all-reduce
 cannot run inside an XLA cluster under a multi-replica strategy, so with these heads
 `forward_features` returns the encoder outputs and `losses_from_features` applies the
-heads (and the token alignment that needs the local ones).
+heads (and the token alignment that needs the local ones). With
+ObjectiveConfig.cta_word_weights="cls_attention" the CTA word weights are the last BERT
+layer's [CLS] attention clipped to its 10-90 % quantiles, as MGCA's; MGCA also weights
+patches by the ViT's last [CLS] attention, which keras-hub's ViT blocks do not return, so
+patch weights stay uniform (and MGCA sums word pieces into words; here the units are the
+WordPiece tokens).
 
 Method diagnostics (ObjectiveConfig.diagnostics, issue #21) come as extra float32 keys
 "diag/..." of the compute_losses dict, computed on the replica's local batch, with no
@@ -48,7 +53,12 @@ from place_tf.losses.cce import cce_loss, cce_target
 from place_tf.losses.diagnostics import cross_sample_cosine, diagonal_mass, observation_diagnostics
 from place_tf.losses.gather import per_example_to_replica, replica_info
 from place_tf.losses.ita import ita_loss
-from place_tf.losses.mgca import cpa_loss, cta_loss, cta_parameter_free_per_example
+from place_tf.losses.mgca import (
+    cpa_loss,
+    cta_loss,
+    cta_parameter_free_per_example,
+    quantile_clipped_weights,
+)
 from place_tf.losses.pcma import pcma_loss, text_presence
 from place_tf.models import objectives
 from place_tf.models.image_encoders import build_image_encoder
@@ -379,6 +389,10 @@ class PLACEModel(keras.Model):
             "token_states": states,
             "text_mask": mask,
         }
+        if "cta" in self.terms and oc.cta_word_weights == "cls_attention":
+            # A second, gradient-free BERT pass (~+10-20 % forward compute of the MGCA row)
+            # rather than a second copy of the text encoder's forward and pooling.
+            encoded["cls_attention"] = self.cls_attention(batch["token_ids"], batch["padding_mask"])
         out = {"global_batch": global_batch}
         if self.late_heads:
             out.update(encoded)
@@ -422,10 +436,28 @@ class PLACEModel(keras.Model):
                 encoded["text_mask"],
                 global_batch,
                 training,
+                encoded.get("cls_attention"),
             )
         return out
 
-    def _cta(self, tokens, states, mask, global_batch, training):
+    def cls_attention(self, token_ids, padding_mask):
+        """float32 [B, L]: the last BERT layer's attention of [CLS] to every token, averaged
+        over heads (no gradient, inference mode). keras-hub's BertBackbone forward re-run
+        through its layer attributes, the last TransformerEncoder with
+        return_attention_scores=True (MGCA reads `outputs.attentions[-1][:, :, 0, 1:]`)."""
+        bb = self.text_encoder.backbone
+        ids = ops.cast(token_ids, "int32")
+        mask = ops.cast(padding_mask, "int32")
+        tokens = bb.token_embedding(ids)
+        segments = bb.segment_embedding(ops.zeros_like(ids))
+        x = bb.embeddings_add((tokens, bb.position_embedding(tokens), segments))
+        x = bb.embeddings_layer_norm(x)
+        for layer in bb.transformer_layers[:-1]:
+            x = layer(x, padding_mask=mask)
+        _, scores = bb.transformer_layers[-1](x, padding_mask=mask, return_attention_scores=True)
+        return ops.stop_gradient(ops.mean(ops.cast(scores[:, :, 0, :], "float32"), axis=1))
+
+    def _cta(self, tokens, states, mask, global_batch, training, cls_attention=None):
         oc = self.objective_config
         temperature = getattr(oc, "cta_temperature", DEFAULT_CTA_TEMPERATURE)
         img_local = self.image_local_projection(tokens, training=training)
@@ -435,11 +467,15 @@ class PLACEModel(keras.Model):
             words = mask[:, 1:]
             word_states = states[:, 1:] * ops.cast(words, states.dtype)[..., None]
             txt_local = self.text_local_projection(word_states, training=training)
+            word_weights = None
+            if cls_attention is not None:
+                word_weights = quantile_clipped_weights(cls_attention[:, 1:], words)
             per_example = cta_parameter_free_per_example(
                 img_local,
                 txt_local,
                 words,
                 temperature,
+                word_weights=word_weights,
                 # MGCA re-normalises the patches' attended words for a CNN, not for a ViT.
                 normalize_patch_attended=self.model_config.image_encoder != "vit",
             )
@@ -457,6 +493,9 @@ class PLACEModel(keras.Model):
             img_for_txt,
             txt_for_img,
             temperature,
+            word_weights=None
+            if cls_attention is None
+            else quantile_clipped_weights(cls_attention, words),
             global_batch_size=global_batch,
         )
 

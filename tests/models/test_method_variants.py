@@ -35,6 +35,7 @@ def test_mgca_preset_is_mgca_code_and_overrides_win():
     assert (cfg.lambda_ita, cfg.lambda_cta, cfg.lambda_cpa) == (1.0, 1.0, 1.0)
     assert not cfg.learn_temperature and cfg.temperature_init == 0.07
     assert cfg.ita_sum_directions and cfg.cta_attention == "parameter_free"
+    assert cfg.cta_word_weights == "cls_attention"
     assert (cfg.projection_head, cfg.projection_hidden) == ("mgca", 2048)
     assert cfg.freeze_prototypes_epochs == 1
     ours = objective_config("mgca", cta_attention="learned", projection_head="mlp")
@@ -173,3 +174,30 @@ def test_mgca_xla_matches_eager_and_save_load(mgca, batch, tmp_path):
     _, again = loaded.compute_losses(batch, training=False)
     for k in ("ita", "cta", "cpa"):
         np.testing.assert_allclose(float(again[k]), float(eager[k]), rtol=1e-5)
+
+
+def test_cls_attention_is_the_last_bert_layer_cls_row(mgca, batch):
+    got = mgca.cls_attention(batch["token_ids"], batch["padding_mask"]).numpy()
+    mask = batch["padding_mask"]
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)  # a softmax over real tokens
+    assert np.all(got[~mask] < 1e-6)
+    # The same scores from keras-hub's own graph: the last layer's input, then the layer.
+    bb = mgca.text_encoder.backbone
+    last = bb.transformer_layers[-1]
+    upto_last = keras.Model(bb.input, last.input[0])  # inputs: (x, padding_mask)
+    ids = tf.constant(batch["token_ids"])
+    pad = tf.cast(mask, "int32")
+    x = upto_last({"token_ids": ids, "segment_ids": tf.zeros_like(ids), "padding_mask": pad})
+    _, scores = last(x, padding_mask=pad, return_attention_scores=True)
+    np.testing.assert_allclose(got, scores.numpy()[:, :, 0, :].mean(1), atol=1e-6)
+
+
+def test_cls_attention_word_weights_change_only_the_cta(mgca, batch):
+    uniform = PLACEModel(
+        tiny_model_config(), objective_config("mgca", cta_word_weights="uniform"), seed=3
+    )
+    uniform.set_weights(mgca.get_weights())
+    _, weighted = mgca.compute_losses(batch)
+    _, plain = uniform.compute_losses(batch)
+    np.testing.assert_allclose(float(weighted["ita"]), float(plain["ita"]), rtol=1e-6)
+    assert abs(float(weighted["cta"]) - float(plain["cta"])) > 1e-6
