@@ -46,6 +46,9 @@ class DataConfig:
     shuffle_buffer: int = 2048
     deterministic: bool = False
     frontal_only: bool = True
+    # Section order of the report text (data/reports.py REPORT_ORDERS); MGCA's recipe
+    # (configs/objective_mgca.flags) reads IMPRESSION then FINDINGS.
+    report_order: str = "findings_impression"
 
 
 @dataclasses.dataclass

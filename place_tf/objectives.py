@@ -35,7 +35,35 @@ OBJECTIVE_TABLE: dict[str, Objective] = {
 OBJECTIVE_TERMS: dict[str, tuple[str, ...]] = {n: o.terms for n, o in OBJECTIVE_TABLE.items()}
 OBJECTIVES = set(OBJECTIVE_TABLE)
 
+# Settings a preset changes besides its λ (explicit overrides still win). MGCA as its code
+# runs (HKU-MedAI/MGCA mgca/models/mgca/mgca_module.py, mgca/models/backbones/encoder.py):
+# a fixed ITA temperature 0.07 (softmax_temperature) with the two cross-entropies summed,
+# parameter-free token attention (use_local_atten=False) with word weights from the last
+# layer's [CLS] attention clipped to its 10-90 % quantiles, Linear-BN-ReLU-Linear-BN heads
+# with hidden 2048, prototypes frozen in epoch 0 (freeze_prototypes_epochs=1). Its λ stay
+# 1/1/1: the README's command (`python mgca_module.py --gpus 2 --strategy ddp`) passes the
+# argparse defaults --lambda_1/2/3 = 1 to MGCA(**args.__dict__), which override the
+# constructor's 1/0.7/0.5.
+PRESET_SETTINGS: dict[str, dict] = {
+    "mgca": dict(
+        learn_temperature=False,
+        temperature_init=0.07,
+        ita_sum_directions=True,
+        cta_attention="parameter_free",
+        cta_word_weights="cls_attention",
+        projection_head="mgca",
+        projection_hidden=2048,
+        freeze_prototypes_epochs=1,
+    ),
+}
+
 CCE_TEACHERS = ("stopgrad", "ema")
+CHOICES = {
+    "pcma_presence": ("none", "text_attention"),
+    "cta_attention": ("learned", "parameter_free"),
+    "cta_word_weights": ("uniform", "cls_attention"),
+    "projection_head": ("mlp", "mgca"),
+}
 
 
 @dataclasses.dataclass
@@ -54,6 +82,19 @@ class ObjectiveConfig:
     ema_momentum: float = 0.996
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
+    # Method diagnostics (issue #21) as extra "diag/..." keys of compute_losses' dict.
+    diagnostics: bool = True
+    # [design] variants of issue #21 (the defaults are the recipe of place-method.md).
+    pcma_presence: str = "none"  # "none" | "text_attention": presence-weighted L_inter
+    cce_exclude_diagonal: bool = False  # CCE target and student without self-similarity
+    cce_center: bool = False  # CCE on mean-centred patch tokens ("covariance" target)
+    # MGCA's code (HKU-MedAI/MGCA); objective_config("mgca") sets these.
+    ita_sum_directions: bool = False  # ITA = CE(i->t) + CE(t->i) instead of their mean
+    cta_attention: str = "learned"  # "learned" (MultiHeadAttention) | "parameter_free"
+    cta_word_weights: str = "uniform"  # "uniform" | "cls_attention" (parameter_free only)
+    projection_head: str = "mlp"  # global/local heads: "mlp" | "mgca" (Linear-BN-ReLU-Linear-BN)
+    projection_hidden: int = 0  # hidden width of those heads; 0 = 4 * embed_dim
+    freeze_prototypes_epochs: int = 0  # CPA prototypes get no gradient in these epochs
 
 
 def _check_name(name: str) -> None:
@@ -66,6 +107,7 @@ def objective_config(name: str, **overrides) -> ObjectiveConfig:
     _check_name(name)
     fields = {f"lambda_{t}": (1.0 if t in OBJECTIVE_TERMS[name] else 0.0) for t in TERMS}
     fields["name"] = name
+    fields.update(PRESET_SETTINGS.get(name, {}))
     if "name" in overrides and overrides["name"] != name:
         raise ValueError(f"objective_config({name!r}) got a conflicting name={overrides['name']!r}")
     fields.update(overrides)
@@ -91,6 +133,15 @@ def validate(cfg: ObjectiveConfig) -> None:
         raise ValueError("ObjectiveConfig.temperature_init must be > 0")
     if not 0.0 <= cfg.ema_momentum <= 1.0:
         raise ValueError("ObjectiveConfig.ema_momentum must be in [0, 1]")
+    for field, allowed in CHOICES.items():
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(
+                f"ObjectiveConfig.{field} must be one of {allowed}, got {getattr(cfg, field)!r}"
+            )
+    if cfg.projection_hidden < 0 or cfg.freeze_prototypes_epochs < 0:
+        raise ValueError(
+            "ObjectiveConfig.projection_hidden and freeze_prototypes_epochs must be >= 0"
+        )
 
 
 def term_weights(cfg: ObjectiveConfig) -> dict[str, float]:

@@ -39,14 +39,23 @@ from __future__ import annotations
 
 import re
 
+from place_tf.data import schema
+
 __all__ = [
     "DEID_TOKEN",
+    "REPORT_ORDERS",
+    "join_sections",
     "normalize_section",
     "parse_report",
     "split_sentences",
 ]
 
 DEID_TOKEN = "___"
+
+# The order the model reads the two sections in: ours (FINDINGS then IMPRESSION), or
+# MGCA's (HKU-MedAI/MGCA mgca/datasets/pretrain_dataset.py, create_path_2_sent_mapping:
+# `captions = row["impression"] + " " + row["findings"]`).
+REPORT_ORDERS = ("findings_impression", "impression_findings")
 
 _FINDINGS = ("FINDINGS", "FINDING")
 _IMPRESSION = ("IMPRESSIONS", "IMPRESSION", "CONCLUSIONS", "CONCLUSION")
@@ -203,6 +212,16 @@ def parse_report(text: str) -> tuple[str, str]:
     findings = " ".join(parts["findings"] + parts["combined"])
     impression = " ".join(parts["impression"])
     return findings, impression
+
+
+def join_sections(findings, impression, order: str = "findings_impression"):
+    """The report text the model reads, the two sections joined in `order` (one of
+    REPORT_ORDERS); str or tf.string inputs, as schema.report_text."""
+    if order == "findings_impression":
+        return schema.report_text(findings, impression)
+    if order == "impression_findings":
+        return schema.report_text(impression, findings)
+    raise ValueError(f"report order must be one of {REPORT_ORDERS}, got {order!r}")
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9_(\"'])")

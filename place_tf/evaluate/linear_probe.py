@@ -632,7 +632,7 @@ def _quick_probe(feats: dict, names: Sequence[str], uncertain: str = "zeros") ->
 def compare_with_random_init(model, tokenizer, cfg, batch_size: int = 128) -> dict:
     """Frozen-feature linear probe of `model` vs a random-init twin (same configs).
 
-    cfg: place_tf.trainer.Configs (uses data.corpus_dir, data.image_size, train.seed).
+    cfg: place_tf.config.Configs (uses data.corpus_dir, data.image_size, train.seed).
     Also the same probe on raw pixels ("raw_pixels"), the floor a trained encoder should
     clear on a corpus that is not trivial.
     Returns {"trained": {"macro_auroc", "per_label", "l2"}, "random_init": {...},

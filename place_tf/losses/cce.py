@@ -6,6 +6,15 @@ patch-to-patch similarity distribution must match the clean view's:
   student = row-log-softmax(cos_sim(predicted_patches) / tau_s)              [B, N, N]
   loss_i  = mean over the N rows of -sum_j target * student   (masked patches included)
 Per-example: each replica returns local_sum / global_batch_size.
+
+Two [design] options (issue #21: the literal recipe may learn little from the report):
+- `exclude_diagonal`: each patch's self-similarity (cos 1, logit 1/tau_t = 20) takes a
+  large share of every target row; excluding it from both distributions leaves only the
+  patch-to-OTHER-patch correlations to predict.
+- `center`: subtract each image's mean patch token before the cosine (target and student
+  alike), so the similarities are correlations of the deviations from the image's common
+  component ("patch-level covariance", as a summary of the paper words it) rather than
+  being dominated by what all patches share.
 """
 
 from __future__ import annotations
@@ -18,7 +27,11 @@ from place_tf.losses.gather import check_rank, per_example_to_replica, to_float3
 _NEG = -1e9  # finite "minus infinity": keeps log-softmax and its gradient NaN-free
 
 
-def _cosine_logits(x: tf.Tensor, temperature: float, exclude_diagonal: bool) -> tf.Tensor:
+def _cosine_logits(
+    x: tf.Tensor, temperature: float, exclude_diagonal: bool, center: bool = False
+) -> tf.Tensor:
+    if center:
+        x = x - tf.reduce_mean(x, axis=-2, keepdims=True)
     x = tf.math.l2_normalize(x, axis=-1)
     logits = tf.matmul(x, x, transpose_b=True) / temperature
     if exclude_diagonal:
@@ -27,12 +40,25 @@ def _cosine_logits(x: tf.Tensor, temperature: float, exclude_diagonal: bool) -> 
     return logits
 
 
+def cce_target(
+    target_patches, temperature: float = 0.05, exclude_diagonal: bool = False, center: bool = False
+) -> tf.Tensor:
+    """float32 [B, N, N] stop-gradient target rows: softmax over j of cos(x_i, x_j) / tau_t
+    (diagonal excluded: exactly 0 there; centred: cosine of mean-subtracted tokens)."""
+    x = to_float32(target_patches)
+    check_rank(x, 3, "target_patches", "cce_target")
+    return tf.stop_gradient(
+        tf.nn.softmax(_cosine_logits(x, temperature, exclude_diagonal, center), axis=-1)
+    )
+
+
 def cce_per_example(
     target_patches,
     predicted_patches,
     target_temperature: float = 0.05,
     student_temperature: float = 0.1,
     exclude_diagonal: bool = False,
+    center: bool = False,
 ) -> tf.Tensor:
     """float32 [B]: the CCE cross-entropy of each example, averaged over its N patch rows."""
     target = to_float32(target_patches)
@@ -48,11 +74,9 @@ def cce_per_example(
         raise ValueError(
             f"cce_loss: temperatures must be > 0, got {target_temperature}, {student_temperature}"
         )
-    p_target = tf.stop_gradient(
-        tf.nn.softmax(_cosine_logits(target, target_temperature, exclude_diagonal), axis=-1)
-    )
+    p_target = cce_target(target, target_temperature, exclude_diagonal, center)
     log_student = tf.nn.log_softmax(
-        _cosine_logits(pred, student_temperature, exclude_diagonal), axis=-1
+        _cosine_logits(pred, student_temperature, exclude_diagonal, center), axis=-1
     )
     terms = p_target * log_student
     if exclude_diagonal:  # 0 * (-1e9): make the excluded entries exactly zero
@@ -68,14 +92,21 @@ def cce_loss(
     student_temperature: float = 0.1,
     *,
     exclude_diagonal: bool = False,
+    center: bool = False,
     global_batch_size=None,
 ) -> tf.Tensor:
     """float32 scalar CCE loss of target/predicted patch tokens [B, N, C] (cosine similarity
     is taken here, no prior normalisation needed). `exclude_diagonal` drops each patch's
-    self-similarity from both distributions ([design] option; off = the literal recipe).
-    `global_batch_size` defaults to the summed local batch sizes over replicas."""
+    self-similarity from both distributions, `center` subtracts each image's mean token
+    first ([design] options; both off = the literal recipe). `global_batch_size` defaults
+    to the summed local batch sizes over replicas."""
     per_example = cce_per_example(
-        target_patches, predicted_patches, target_temperature, student_temperature, exclude_diagonal
+        target_patches,
+        predicted_patches,
+        target_temperature,
+        student_temperature,
+        exclude_diagonal,
+        center,
     )
     return per_example_to_replica(per_example, global_batch_size)
 
@@ -89,6 +120,7 @@ class CCELoss(keras.losses.Loss):
         target_temperature: float = 0.05,
         student_temperature: float = 0.1,
         exclude_diagonal: bool = False,
+        center: bool = False,
         name: str = "cce",
         **kwargs,
     ):
@@ -96,6 +128,7 @@ class CCELoss(keras.losses.Loss):
         self.target_temperature = float(target_temperature)
         self.student_temperature = float(student_temperature)
         self.exclude_diagonal = bool(exclude_diagonal)
+        self.center = bool(center)
 
     def call(self, y_true, y_pred):
         return cce_loss(
@@ -104,6 +137,7 @@ class CCELoss(keras.losses.Loss):
             self.target_temperature,
             self.student_temperature,
             exclude_diagonal=self.exclude_diagonal,
+            center=self.center,
         )
 
     def get_config(self):
@@ -112,4 +146,5 @@ class CCELoss(keras.losses.Loss):
             "target_temperature": self.target_temperature,
             "student_temperature": self.student_temperature,
             "exclude_diagonal": self.exclude_diagonal,
+            "center": self.center,
         }

@@ -15,18 +15,27 @@ from place_tf.losses.gather import (
 )
 
 
-def symmetric_infonce(logits) -> tf.Tensor:
-    """0.5 * (CE over rows + CE over columns) of square logits [..., M, M], positives on the
-    diagonal; returns the mean over the M positives for each leading index -> [...]."""
+def symmetric_infonce_per_positive(logits) -> tf.Tensor:
+    """0.5 * (CE of row m + CE of column m) of square logits [..., M, M] for each positive
+    (m, m) on the diagonal -> [..., M]."""
     logits = to_float32(logits)
     rows = diagonal(tf.nn.log_softmax(logits, axis=-1))
     cols = diagonal(tf.nn.log_softmax(logits, axis=-2))
-    return -0.5 * (tf.reduce_mean(rows, axis=-1) + tf.reduce_mean(cols, axis=-1))
+    return -0.5 * (rows + cols)
 
 
-def ita_loss(image_emb, text_emb, logit_scale) -> tf.Tensor:
+def symmetric_infonce(logits) -> tf.Tensor:
+    """0.5 * (CE over rows + CE over columns) of square logits [..., M, M], positives on the
+    diagonal; returns the mean over the M positives for each leading index -> [...]."""
+    return tf.reduce_mean(symmetric_infonce_per_positive(logits), axis=-1)
+
+
+def ita_loss(image_emb, text_emb, logit_scale, sum_directions: bool = False) -> tf.Tensor:
     """Symmetric InfoNCE between image and report embeddings [B, D] (L2-normalised by the
-    caller), logits = logit_scale * img @ txt^T over the gathered global batch.
+    caller), logits = logit_scale * img @ txt^T over the gathered global batch: the mean
+    of the image->report and report->image cross-entropies, or with `sum_directions`
+    their sum, as MGCA's code does (`loss_ita = loss0 + loss1` in HKU-MedAI/MGCA
+    mgca/models/mgca/mgca_module.py), i.e. twice the mean.
 
     Every replica returns the full global-batch loss value; the gradient flows only into its
     local shard (and 1/R of the logit-scale gradient), so SUM-reduced gradients equal the
@@ -41,7 +50,8 @@ def ita_loss(image_emb, text_emb, logit_scale) -> tf.Tensor:
     img = gather_with_grad(img)
     txt = gather_with_grad(txt)
     logits = scale * tf.matmul(img, txt, transpose_b=True)
-    return symmetric_infonce(logits)
+    loss = symmetric_infonce(logits)
+    return 2.0 * loss if sum_directions else loss
 
 
 @keras.saving.register_keras_serializable(package="place_tf")

@@ -10,6 +10,18 @@ reference code: padding words are masked out of the softmax (MGCA only zero-weig
 and token weights are uniform over real tokens unless given (MGCA derives them from the
 last-layer [CLS] attention, clipped to the 10-90 % quantiles).
 
+`cta_parameter_free_per_example` is MGCA's code path as it runs by default
+(`use_local_atten=False`, ViT image encoder; HKU-MedAI/MGCA mgca/models/mgca/
+mgca_module.py, MGCA.forward): each word attends to the patches with the parameter-free
+softmax(w p^T / 0.1) p (no mask: patches have no padding), the result L2-normalised; each
+patch attends to the words with padding words masked (-inf); for a ViT the patch's attended
+word feature is NOT re-normalised (only the CNN branch normalises it). The word InfoNCE
+softmaxes run over all word positions, padding included (MGCA pads its word-aggregated
+features with zeros and only zero-weights them), with word weights normalised over the
+real words. Word and patch weights: MGCA's are the last-layer [CLS] attention clipped to
+the 10-90 % quantiles (`quantile_clipped_weights`); they are uniform unless given
+(PLACEModel gives word weights with cta_word_weights="cls_attention").
+
 CPA: prototype scores of the global batch -> Sinkhorn-Knopp codes (no gradient); each
 modality's codes are predicted from the other modality's prototype softmax (swapped
 prediction), averaged over both directions. Contrastive/global: computed in full on every
@@ -49,13 +61,29 @@ def cross_attend(query_tokens, key_tokens, key_mask=None, temperature: float = 0
     return tf.matmul(tf.nn.softmax(scores, axis=-1), k)
 
 
-def _token_infonce(sim: tf.Tensor, mask: tf.Tensor, weights) -> tf.Tensor:
+def _token_mask(mask, tokens: tf.Tensor, name: str, temperature: float, fn: str) -> tf.Tensor:
+    """`mask` as bool [B, L] matching tokens [B, L, D]; also checks the temperature."""
+    mask = tf.cast(mask, tf.bool)
+    check_rank(mask, 2, name, fn)
+    if not mask.shape.is_compatible_with(tokens.shape[:2]):
+        raise ValueError(f"{fn}: {name} must be [B, L] = {tokens.shape[:2]}, got {mask.shape}")
+    if temperature <= 0:
+        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    return mask
+
+
+def _token_infonce(sim: tf.Tensor, mask: tf.Tensor, weights, mask_softmax=True) -> tf.Tensor:
     """Per-example bidirectional token InfoNCE of sim [B, M, M] (positives on the diagonal),
-    padding (mask [B, M] False) removed from both softmaxes, rows weighted by `weights`
-    normalised over real tokens -> [B]."""
-    neg = tf.cast(_NEG, sim.dtype)
-    to_other = tf.nn.log_softmax(tf.where(mask[:, None, :], sim, neg), axis=-1)
-    from_other = tf.nn.log_softmax(tf.where(mask[:, :, None], sim, neg), axis=-2)
+    padding (mask [B, M] False) removed from both softmaxes (unless `mask_softmax` is
+    False: then padding only gets weight 0), rows weighted by `weights` normalised over
+    real tokens -> [B]."""
+    if mask_softmax:
+        neg = tf.cast(_NEG, sim.dtype)
+        to_other = tf.nn.log_softmax(tf.where(mask[:, None, :], sim, neg), axis=-1)
+        from_other = tf.nn.log_softmax(tf.where(mask[:, :, None], sim, neg), axis=-2)
+    else:
+        to_other = tf.nn.log_softmax(sim, axis=-1)
+        from_other = tf.nn.log_softmax(sim, axis=-2)
     ce_1 = -diagonal(to_other)  # token i vs attended features j
     ce_2 = -diagonal(from_other)  # attended feature j vs tokens i
     ce_1 = tf.where(mask, ce_1, tf.zeros_like(ce_1))
@@ -88,12 +116,7 @@ def cta_per_example(
     check_rank(txt, 3, "txt_tokens", fn)
     check_same_shape(txt, img_for_txt, "txt_tokens and attn_img_for_txt", fn)
     check_same_shape(img, txt_for_img, "img_tokens and attn_txt_for_img", fn)
-    mask = tf.cast(txt_mask, tf.bool)
-    check_rank(mask, 2, "txt_mask", fn)
-    if not mask.shape.is_compatible_with(txt.shape[:2]):
-        raise ValueError(f"{fn}: txt_mask must be [B, L] = {txt.shape[:2]}, got {mask.shape}")
-    if temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    mask = _token_mask(txt_mask, txt, "txt_mask", temperature, fn)
 
     word_sim = tf.matmul(txt, img_for_txt, transpose_b=True) / temperature  # [B, L, L]
     word = _token_infonce(word_sim, mask, word_weights)
@@ -131,6 +154,66 @@ def cta_loss(
         patch_weights=patch_weights,
     )
     return per_example_to_replica(per_example, global_batch_size)
+
+
+def cta_parameter_free_per_example(
+    patch_emb,
+    word_emb,
+    word_mask,
+    temperature: float = 0.1,
+    *,
+    word_weights=None,
+    patch_weights=None,
+    normalize_patch_attended: bool = False,
+) -> tf.Tensor:
+    """float32 [B]: MGCA's token-wise alignment as its code computes it (module docstring):
+    loss_word + loss_patch of one example, each the mean of its two directions.
+
+    patch_emb [B, N, D] and word_emb [B, L, D]: the local embeddings, L2-normalised by the
+    caller (MGCA normalises them right after the local heads); word_emb excludes [CLS].
+    word_mask [B, L] (True = real word). `normalize_patch_attended`: re-normalise the
+    patch->word attended features (MGCA does for a CNN encoder, not for a ViT)."""
+    fn = "cta_parameter_free"
+    patches = to_float32(patch_emb)
+    words = to_float32(word_emb)
+    check_rank(patches, 3, "patch_emb", fn)
+    check_rank(words, 3, "word_emb", fn)
+    mask = _token_mask(word_mask, words, "word_mask", temperature, fn)
+    word_attended = tf.math.l2_normalize(cross_attend(words, patches, None, temperature), -1)
+    word_sim = tf.matmul(words, word_attended, transpose_b=True) / temperature  # [B, L, L]
+    word = _token_infonce(word_sim, mask, word_weights, mask_softmax=False)
+    patch_attended = cross_attend(patches, words, mask, temperature)
+    if normalize_patch_attended:
+        patch_attended = tf.math.l2_normalize(patch_attended, -1)
+    patch_sim = tf.matmul(patches, patch_attended, transpose_b=True) / temperature  # [B, N, N]
+    all_patches = tf.ones(tf.shape(patch_sim)[:2], tf.bool)
+    patch = _token_infonce(patch_sim, all_patches, patch_weights, mask_softmax=False)
+    return word + patch
+
+
+def quantile_clipped_weights(weights, mask=None, low: float = 0.1, high: float = 0.9):
+    """float32 [B, L]: MGCA's token weights — each example's attention weights [B, L]
+    clipped to its own `low`..`high` quantiles over the real tokens (mask [B, L], True =
+    real; None = all), 0 at the others. Quantiles interpolate linearly as torch.quantile
+    does (MGCA.forward clips the last-layer [CLS] attention of words and patches so; the
+    CTA losses normalise the weights over the real tokens)."""
+    w = to_float32(weights)
+    check_rank(w, 2, "weights", "quantile_clipped_weights")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"quantile_clipped_weights: need 0 <= low <= high <= 1, got {low}, {high}")
+    real = tf.ones_like(w, tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    n = tf.reduce_sum(tf.cast(real, tf.int32), axis=-1, keepdims=True)  # [B, 1]
+    ordered = tf.sort(tf.where(real, w, tf.float32.max), axis=-1)  # real values first
+
+    def quantile(q):
+        pos = q * tf.cast(tf.maximum(n - 1, 0), tf.float32)
+        below = tf.floor(pos)
+        lo = tf.gather(ordered, tf.cast(below, tf.int32), batch_dims=1)
+        hi = tf.gather(ordered, tf.cast(tf.math.ceil(pos), tf.int32), batch_dims=1)
+        return lo + (pos - below) * (hi - lo)
+
+    clipped = tf.clip_by_value(w, quantile(low), quantile(high))
+    return tf.where(real, clipped, tf.zeros_like(clipped))
 
 
 def sinkhorn(scores, epsilon: float = 0.05, iterations: int = 3) -> tf.Tensor:

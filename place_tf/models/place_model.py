@@ -13,6 +13,26 @@ objective's active terms (its terms with λ > 0) decide which optional branches 
 Every layer is built in __init__ from the configs (no forward pass), so the model is
 ready for `model.fit`, a distribution strategy, or `keras.saving.load_model`.
 
+ObjectiveConfig.projection_head="mgca" (MGCA's Linear-BN-ReLU-Linear-BN heads, the "mgca"
+preset) puts synchronized BatchNorms in the global and local heads. Their all-reduce
+cannot run inside an XLA cluster under a multi-replica strategy, so with these heads
+`forward_features` returns the encoder outputs and `losses_from_features` applies the
+heads (and the token alignment that needs the local ones). With
+ObjectiveConfig.cta_word_weights="cls_attention" the CTA word weights are the last BERT
+layer's [CLS] attention clipped to its 10-90 % quantiles, as MGCA's; MGCA also weights
+patches by the ViT's last [CLS] attention, which keras-hub's ViT blocks do not return, so
+patch weights stay uniform (and MGCA sums word pieces into words; here the units are the
+WordPiece tokens).
+
+Method diagnostics (ObjectiveConfig.diagnostics, issue #21) come as extra float32 keys
+"diag/..." of the compute_losses dict, computed on the replica's local batch, with no
+gradient and not part of the total: V-POR / T-POR per-slot cross-example cosine
+(diag/vpor_cross_cos_k, diag/tpor_cross_cos_k and their means), within-example slot
+cosine, per-query normalised attention entropy (diag/*_attn_entropy_k), the same
+cross-example cosine of the global embeddings for reference (diag/image_cross_cos,
+diag/text_cross_cos), and the CCE target's diagonal mass (diag/cce_target_diagonal).
+`diagnostics(batch)` returns them alone.
+
 Losses follow contract (c) (place_tf/losses): a replica returns its share; with no
 strategy it is the plain full-batch loss. [design] choices made here: PCMA shares the
 learnable logit scale with ITA; CCE masks a static N - round(N·ratio) visible patches per
@@ -30,11 +50,17 @@ from keras import ops
 
 from place_tf import objectives
 from place_tf.config import ModelConfig, ObjectiveConfig, from_dict, to_dict
-from place_tf.losses.cce import cce_loss
-from place_tf.losses.gather import replica_info
+from place_tf.losses.cce import cce_loss, cce_target
+from place_tf.losses.diagnostics import cross_sample_cosine, diagonal_mass, observation_diagnostics
+from place_tf.losses.gather import per_example_to_replica, replica_info
 from place_tf.losses.ita import ita_loss
-from place_tf.losses.mgca import cpa_loss, cta_loss
-from place_tf.losses.pcma import pcma_loss
+from place_tf.losses.mgca import (
+    cpa_loss,
+    cta_loss,
+    cta_parameter_free_per_example,
+    quantile_clipped_weights,
+)
+from place_tf.losses.pcma import pcma_loss, text_presence
 from place_tf.models.image_encoders import build_image_encoder
 from place_tf.models.layers.correlation_decoder import CorrelationDecoder
 from place_tf.models.layers.mgca_heads import PrototypeLayer, TokenCrossAttention
@@ -81,11 +107,17 @@ class PLACEModel(keras.Model):
         e = mc.embed_dim
         hidden = PROJECTION_HIDDEN_MULT * e
         drop = mc.dropout
+        # Global and local heads (observation heads stay MLPs).
+        head = dict(
+            hidden_dim=oc.projection_hidden or hidden, dropout=drop, style=oc.projection_head
+        )
+        # Synchronized BatchNorm: outside the XLA part of a multi-replica step.
+        self.late_heads = oc.projection_head == "mgca"
 
         self.image_encoder = build_image_encoder(mc, name="image_encoder")
         self.text_encoder = build_text_encoder(mc, name="text_encoder")
-        self.image_projection = ProjectionHead(e, hidden, dropout=drop, name="image_projection")
-        self.text_projection = ProjectionHead(e, hidden, dropout=drop, name="text_projection")
+        self.image_projection = ProjectionHead(e, name="image_projection", **head)
+        self.text_projection = ProjectionHead(e, name="text_projection", **head)
         self.pathology_queries = LearnedQueries(
             mc.num_queries, mc.query_width, name="pathology_queries"
         )
@@ -119,17 +151,22 @@ class PLACEModel(keras.Model):
                 )
                 self.teacher_encoder.trainable = False
         if "cta" in self.terms:
-            self.image_local_projection = ProjectionHead(
-                e, hidden, dropout=drop, name="image_local_projection"
-            )
-            self.text_local_projection = ProjectionHead(
-                e, hidden, dropout=drop, name="text_local_projection"
-            )
-            self.token_cross_attention = TokenCrossAttention(
-                num_heads=1, dropout=drop, name="token_cross_attention"
-            )
+            self.image_local_projection = ProjectionHead(e, name="image_local_projection", **head)
+            self.text_local_projection = ProjectionHead(e, name="text_local_projection", **head)
+            if oc.cta_attention == "learned":
+                self.token_cross_attention = TokenCrossAttention(
+                    num_heads=1, dropout=drop, name="token_cross_attention"
+                )
         if "cpa" in self.terms:
             self.prototype_layer = PrototypeLayer(mc.num_prototypes, e, name="prototypes")
+            if oc.freeze_prototypes_epochs > 0:
+                # 1: prototypes get their gradient; 0: frozen (set_training_step sets it).
+                self.prototype_gradient_gate = self.add_weight(
+                    shape=(),
+                    initializer="ones",
+                    trainable=False,
+                    name="prototype_gradient_gate",
+                )
         self.log_logit_scale = self.add_weight(
             shape=(),
             initializer=keras.initializers.Constant(math.log(1.0 / oc.temperature_init)),
@@ -168,7 +205,8 @@ class PLACEModel(keras.Model):
             e = mc.embed_dim
             self.image_local_projection.build((None, n, w))
             self.text_local_projection.build((None, length, wt))
-            self.token_cross_attention.build((None, n, e), (None, length, e))
+            if self.objective_config.cta_attention == "learned":
+                self.token_cross_attention.build((None, n, e), (None, length, e))
         if "cpa" in self.terms:
             self.prototype_layer.build()
         self.built = True
@@ -275,13 +313,21 @@ class PLACEModel(keras.Model):
         predicted = self.correlation_decoder(
             visible, keep, states, context_mask=mask, training=training
         )
-        return cce_loss(
+        loss = cce_loss(
             target,
             predicted,
             oc.cce_target_temperature,
             oc.cce_student_temperature,
+            exclude_diagonal=oc.cce_exclude_diagonal,
+            center=oc.cce_center,
             global_batch_size=global_batch_size,
         )
+        if not oc.diagnostics:
+            return loss, {}
+        p_target = cce_target(
+            target, oc.cce_target_temperature, oc.cce_exclude_diagonal, oc.cce_center
+        )
+        return loss, {"diag/cce_target_diagonal": diagonal_mass(p_target)}
 
     def _ema_teacher(self, momentum):
         """teacher ← momentum·teacher + (1-momentum)·student (momentum 0: exact copy)."""
@@ -312,17 +358,21 @@ class PLACEModel(keras.Model):
     def compute_losses(self, batch, training=False):
         """(total float32 scalar, dict of float32 scalars) for `batch` (contract (a)).
 
-        Keys: the active terms (ita, pcma + pcma_inter + pcma_slot, cce, cta, cpa) and
-        temperature (1 / logit_scale). total = Σ λ_t · term_t over the active terms.
+        Keys: the active terms (ita, pcma + pcma_inter + pcma_slot, cce, cta, cpa),
+        temperature (1 / logit_scale) and, with ObjectiveConfig.diagnostics, the "diag/..."
+        diagnostics (not losses). total = Σ λ_t · term_t over the active terms.
         An optional batch["cce_keep_indices"] [B, M] int32 (M = self.num_visible, distinct
         per row) replaces the random CCE mask (evaluation, tests).
         """
-        return self.losses_from_features(self.forward_features(batch, training=training))
+        return self.losses_from_features(
+            self.forward_features(batch, training=training), training=training
+        )
 
     def forward_features(self, batch, training=False):
         """The per-replica part of compute_losses: encoders, heads and the per-example
         terms (CCE, CTA). No cross-replica collective, so it compiles under XLA inside
-        strategy.run; losses_from_features adds the gathered contrastive terms."""
+        strategy.run; losses_from_features adds the gathered contrastive terms (and, with
+        MGCA's BatchNorm heads, the heads and CTA: see the module docstring)."""
         oc = self.objective_config
         images = batch["image"]
         features, tokens = self.image_encoder(images, training=training)
@@ -332,20 +382,36 @@ class PLACEModel(keras.Model):
         _, replicas = replica_info()
         # Even shards (drop_remainder per replica): no collective needed for the size.
         global_batch = ops.shape(images)[0] * replicas
-        out = {
-            "img_emb": self.image_projection(features, training=training),
-            "txt_emb": self.text_projection(cls, training=training),
-            "global_batch": global_batch,
+        encoded = {
+            "image_features": features,
+            "text_features": cls,
+            "patch_tokens": tokens,
+            "token_states": states,
+            "text_mask": mask,
         }
+        if "cta" in self.terms and oc.cta_word_weights == "cls_attention":
+            # A second, gradient-free BERT pass (~+10-20 % forward compute of the MGCA row)
+            # rather than a second copy of the text encoder's forward and pooling.
+            encoded["cls_attention"] = self.cls_attention(batch["token_ids"], batch["padding_mask"])
+        out = {"global_batch": global_batch}
+        if self.late_heads:
+            out.update(encoded)
+        else:
+            out.update(self._heads(encoded, global_batch, training))
         if "pcma" in self.terms:
-            out["v_obs"], _ = self._observe(
+            out["v_obs"], v_attn = self._observe(
                 self.image_observer, self.image_observation_projection, tokens, None, training
             )
-            out["t_obs"], _ = self._observe(
+            out["t_obs"], t_attn = self._observe(
                 self.text_observer, self.text_observation_projection, states, mask, training
             )
+            if oc.pcma_presence == "text_attention":
+                out["presence"] = text_presence(t_attn, mask)
+            if oc.diagnostics:
+                out.update(observation_diagnostics("diag/vpor", out["v_obs"], v_attn))
+                out.update(observation_diagnostics("diag/tpor", out["t_obs"], t_attn, mask))
         if "cce" in self.terms:
-            out["cce"] = self._cce(
+            out["cce"], diag = self._cce(
                 images,
                 tokens,
                 states,
@@ -354,37 +420,129 @@ class PLACEModel(keras.Model):
                 batch.get("cce_keep_indices"),
                 global_batch_size=global_batch,
             )
+            out.update(diag)
+        return out
+
+    def _heads(self, encoded, global_batch, training):
+        """Global embeddings and the per-example CTA term (it needs the local heads)."""
+        out = {
+            "img_emb": self.image_projection(encoded["image_features"], training=training),
+            "txt_emb": self.text_projection(encoded["text_features"], training=training),
+        }
         if "cta" in self.terms:
-            img_local = self.image_local_projection(tokens, training=training)
-            txt_local = self.text_local_projection(states, training=training)
-            length = ops.shape(mask)[1]
-            words = ops.logical_and(mask, (ops.arange(length) > 0)[None, :])  # no [CLS]
-            img_for_txt, txt_for_img = self.token_cross_attention(
-                img_local, txt_local, text_mask=words, training=training
+            out["cta"] = self._cta(
+                encoded["patch_tokens"],
+                encoded["token_states"],
+                encoded["text_mask"],
+                global_batch,
+                training,
+                encoded.get("cls_attention"),
             )
-            out["cta"] = cta_loss(
+        return out
+
+    def cls_attention(self, token_ids, padding_mask):
+        """float32 [B, L]: the last BERT layer's attention of [CLS] to every token, averaged
+        over heads (no gradient, inference mode). keras-hub's BertBackbone forward re-run
+        through its layer attributes, the last TransformerEncoder with
+        return_attention_scores=True (MGCA reads `outputs.attentions[-1][:, :, 0, 1:]`)."""
+        bb = self.text_encoder.backbone
+        ids = ops.cast(token_ids, "int32")
+        mask = ops.cast(padding_mask, "int32")
+        tokens = bb.token_embedding(ids)
+        segments = bb.segment_embedding(ops.zeros_like(ids))
+        x = bb.embeddings_add((tokens, bb.position_embedding(tokens), segments))
+        x = bb.embeddings_layer_norm(x)
+        for layer in bb.transformer_layers[:-1]:
+            x = layer(x, padding_mask=mask)
+        _, scores = bb.transformer_layers[-1](x, padding_mask=mask, return_attention_scores=True)
+        return ops.stop_gradient(ops.mean(ops.cast(scores[:, :, 0, :], "float32"), axis=1))
+
+    def _cta(self, tokens, states, mask, global_batch, training, cls_attention=None):
+        oc = self.objective_config
+        temperature = getattr(oc, "cta_temperature", DEFAULT_CTA_TEMPERATURE)
+        img_local = self.image_local_projection(tokens, training=training)
+        if oc.cta_attention == "parameter_free":
+            # MGCA's words are the positions after [CLS], padding as zero features (its
+            # aggregate_tokens pads with zeros) that the local head's BatchNorm also sees.
+            words = mask[:, 1:]
+            word_states = states[:, 1:] * ops.cast(words, states.dtype)[..., None]
+            txt_local = self.text_local_projection(word_states, training=training)
+            word_weights = None
+            if cls_attention is not None:
+                word_weights = quantile_clipped_weights(cls_attention[:, 1:], words)
+            per_example = cta_parameter_free_per_example(
                 img_local,
                 txt_local,
                 words,
-                img_for_txt,
-                txt_for_img,
-                getattr(oc, "cta_temperature", DEFAULT_CTA_TEMPERATURE),
-                global_batch_size=global_batch,
+                temperature,
+                word_weights=word_weights,
+                # MGCA re-normalises the patches' attended words for a CNN, not for a ViT.
+                normalize_patch_attended=self.model_config.image_encoder != "vit",
             )
-        if "cpa" in self.terms:
-            out["prototypes"] = self.prototype_layer(out["img_emb"])
-        return out
+            return per_example_to_replica(per_example, global_batch)
+        txt_local = self.text_local_projection(states, training=training)
+        length = ops.shape(mask)[1]
+        words = ops.logical_and(mask, (ops.arange(length) > 0)[None, :])  # no [CLS]
+        img_for_txt, txt_for_img = self.token_cross_attention(
+            img_local, txt_local, text_mask=words, training=training
+        )
+        return cta_loss(
+            img_local,
+            txt_local,
+            words,
+            img_for_txt,
+            txt_for_img,
+            temperature,
+            word_weights=None
+            if cls_attention is None
+            else quantile_clipped_weights(cls_attention, words),
+            global_batch_size=global_batch,
+        )
 
-    def losses_from_features(self, feats):
-        """The contrastive terms over the gathered global batch, and the weighted total."""
+    def _prototypes(self, reference):
+        """The CPA prototypes; no gradient while prototype_gradient_gate is 0."""
+        protos = self.prototype_layer(reference)
+        gate = getattr(self, "prototype_gradient_gate", None)
+        if gate is None:
+            return protos
+        gate = ops.cast(ops.convert_to_tensor(gate), protos.dtype)
+        return gate * protos + (1.0 - gate) * ops.stop_gradient(protos)
+
+    def set_training_step(self, step, steps_per_epoch):
+        """Step-dependent state: the CPA prototypes get no gradient while
+        step < freeze_prototypes_epochs * steps_per_epoch (MGCA's on_after_backward drops
+        their gradient while current_epoch < freeze_prototypes_epochs). `step` counts the
+        steps done before this one (0 for the first). Call before every training step,
+        under tf.distribute in cross-replica context (outside strategy.run); a no-op
+        without the option. A model never told keeps its prototypes trainable."""
+        gate = getattr(self, "prototype_gradient_gate", None)
+        if gate is None:
+            return
+        frozen_steps = self.objective_config.freeze_prototypes_epochs * int(steps_per_epoch)
+        gate.assign(ops.cast(ops.greater_equal(step, frozen_steps), gate.dtype))
+
+    def losses_from_features(self, feats, training=True):
+        """The contrastive terms over the gathered global batch, and the weighted total.
+
+        `training` only matters with MGCA's BatchNorm heads, which run here (batch
+        statistics when True); the trainer calls this in its training step only.
+        """
         oc = self.objective_config
+        if self.late_heads:
+            feats = {**feats, **self._heads(feats, feats["global_batch"], training)}
         img_emb, txt_emb = feats["img_emb"], feats["txt_emb"]
         scale = self.logit_scale
         losses = {k: feats[k] for k in ("cce", "cta") if k in feats}
         if "ita" in self.terms:
-            losses["ita"] = ita_loss(img_emb, txt_emb, scale)
+            losses["ita"] = ita_loss(img_emb, txt_emb, scale, oc.ita_sum_directions)
         if "pcma" in self.terms:
-            p = pcma_loss(feats["v_obs"], feats["t_obs"], scale, feats["global_batch"])
+            p = pcma_loss(
+                feats["v_obs"],
+                feats["t_obs"],
+                scale,
+                feats["global_batch"],
+                presence=feats.get("presence"),
+            )
             losses["pcma"], losses["pcma_inter"], losses["pcma_slot"] = (
                 p["total"],
                 p["inter"],
@@ -394,7 +552,7 @@ class PLACEModel(keras.Model):
             losses["cpa"] = cpa_loss(
                 img_emb,
                 txt_emb,
-                feats["prototypes"],
+                self._prototypes(img_emb),
                 oc.sinkhorn_epsilon,
                 oc.sinkhorn_iterations,
                 getattr(oc, "cpa_temperature", DEFAULT_CPA_TEMPERATURE),
@@ -404,7 +562,17 @@ class PLACEModel(keras.Model):
         for t in self.terms:
             total = total + float(getattr(oc, f"lambda_{t}")) * losses[t]
         losses["temperature"] = 1.0 / scale
+        if oc.diagnostics:
+            losses.update({k: v for k, v in feats.items() if k.startswith("diag/")})
+            losses["diag/image_cross_cos"] = ops.mean(cross_sample_cosine(img_emb[:, None]))
+            losses["diag/text_cross_cos"] = ops.mean(cross_sample_cosine(txt_emb[:, None]))
         return total, losses
+
+    def diagnostics(self, batch, training=False):
+        """dict of the "diag/..." float32 scalars for `batch` (module docstring); {} when
+        ObjectiveConfig.diagnostics is off."""
+        _, losses = self.compute_losses(batch, training=training)
+        return {k: v for k, v in losses.items() if k.startswith("diag/")}
 
     # ---------------------------------------------------------------- fit
 

@@ -29,8 +29,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TOL = 1e-5
 # name -> (shard sizes, run inside tf.function); the trainer runs graphs, Keras may run eagerly.
 SPLITS = {"even": ((4, 4), True), "uneven": ((5, 3), True), "even_eager": ((4, 4), False)}
-LOSSES = ("ita", "pcma", "pcma_inter", "pcma_slot", "cce", "cta", "cpa")
-CONTRASTIVE = ("ita", "pcma_inter", "cpa")  # every replica holds the global value
+LOSSES = ("ita", "pcma", "pcma_inter", "pcma_slot", "pcma_presence_inter", "cce", "cta", "cpa")
+CONTRASTIVE = (
+    "ita",
+    "pcma_inter",
+    "pcma_presence_inter",
+    "cpa",
+)  # every replica holds the global value
 PER_EXAMPLE = ("cce", "cta", "pcma_slot")  # replica values sum to the global value
 VAR_NAMES = ("w_img", "w_txt", "log_scale", "prototypes")
 
@@ -64,6 +69,7 @@ def _inputs() -> dict[str, np.ndarray]:
         "masked_patches": rng.normal(size=(8, 4, 6)).astype(np.float32),
         "txt_tokens": rng.normal(size=(8, 5, 6)).astype(np.float32),
         "txt_mask": mask,
+        "presence": rng.uniform(0.0, 1.0, size=(8, 3)).astype(np.float32),
     }
 
 
@@ -88,7 +94,9 @@ def _losses(batch, v):
 
     scale = tf.exp(v["log_scale"])
     img, txt = embed(batch["img"], v["w_img"]), embed(batch["txt"], v["w_txt"])
-    pcma = pcma_loss(embed(batch["v_obs"], v["w_img"]), embed(batch["t_obs"], v["w_txt"]), scale)
+    v_obs, t_obs = embed(batch["v_obs"], v["w_img"]), embed(batch["t_obs"], v["w_txt"])
+    pcma = pcma_loss(v_obs, t_obs, scale)
+    weighted = pcma_loss(v_obs, t_obs, scale, presence=batch["presence"])
     # CCE: target from the clean view through the same projection (stop-gradient inside).
     cce = cce_loss(
         tf.einsum("bni,ij->bnj", batch["clean_patches"], v["w_img"]),
@@ -112,6 +120,7 @@ def _losses(batch, v):
         "pcma": pcma["total"],
         "pcma_inter": pcma["inter"],
         "pcma_slot": pcma["slot"],
+        "pcma_presence_inter": weighted["inter"],
         "cce": cce,
         "cta": cta,
         "cpa": cpa,

@@ -62,7 +62,10 @@ def np_pcma(v, t, scale):
     return 0.5 * (inter + slot), inter, slot
 
 
-def np_cce(target, pred, tt, ts, exclude_diagonal=False):
+def np_cce(target, pred, tt, ts, exclude_diagonal=False, center=False):
+    if center:
+        target = target - target.mean(axis=1, keepdims=True)
+        pred = pred - pred.mean(axis=1, keepdims=True)
     losses = []
     for tb, pb in zip(np_normalize(target), np_normalize(pred), strict=True):
         n = len(tb)
@@ -216,11 +219,14 @@ def test_pcma_rejects_bad_rank():
 
 
 # ----------------------------------------------------------------------------- CCE
+@pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("exclude_diagonal", [False, True])
-def test_cce_matches_numpy(exclude_diagonal):
+def test_cce_matches_numpy(exclude_diagonal, center):
     target, pred = rnd(3, 4, 5, seed=11, normalize=False), rnd(3, 4, 5, seed=12, normalize=False)
-    got = cce_loss(f32(target), f32(pred), 0.05, 0.1, exclude_diagonal=exclude_diagonal)
-    want = np_cce(target, pred, 0.05, 0.1, exclude_diagonal)
+    got = cce_loss(
+        f32(target), f32(pred), 0.05, 0.1, exclude_diagonal=exclude_diagonal, center=center
+    )
+    want = np_cce(target, pred, 0.05, 0.1, exclude_diagonal, center)
     np.testing.assert_allclose(got.numpy(), want, atol=TOL, rtol=1e-6)
 
 

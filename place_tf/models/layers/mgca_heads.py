@@ -4,8 +4,12 @@ Follows MGCA (Wang et al., NeurIPS 2022): local image and word embeddings (alrea
 projected and L2-normalised by the caller) attend to each other with single-head
 attention — each word gathers the image patches (`attn_img_for_txt` [B,L,D]) and each
 patch gathers the words (`attn_txt_for_img` [B,N,D], padding words masked out). Outputs
-are L2-normalised, as MGCA normalises them before its token-wise InfoNCE. Prototypes are
-a [P, D] weight returned L2-normalised (MGCA renormalises its prototype Linear each step).
+are L2-normalised, as MGCA normalises them before its token-wise InfoNCE.
+`TokenCrossAttention` is the LEARNED variant (ObjectiveConfig.cta_attention="learned", MGCA's
+`use_local_atten=True` branch); MGCA's code runs by default without learned attention,
+which is `losses.mgca.cta_parameter_free_per_example` (the "mgca" preset). Prototypes are
+a [P, D] weight returned L2-normalised (MGCA renormalises its prototype Linear each step
+in place, so its gradient does not pass through the normalisation as it does here).
 """
 
 from __future__ import annotations
