@@ -126,7 +126,10 @@ class Trainer:
         saver, start = self._restore(strategy, state, skip_counter, chief)
         fn = inputs.dataset_fn(c, tokenizer, global_batch, start, skip_counter)
         iterator = inputs.distributed_iterator(strategy, fn)
-        train_step = self.train_step_factory(strategy, state, t, c.objective)
+        per_epoch = setup.steps_per_epoch(t, num_train, global_batch)
+        train_step = self.train_step_factory(
+            strategy, state, t, c.objective, steps_per_epoch=per_epoch
+        )
         tb_dir = os.path.join(t.model_dir, run_dir.TENSORBOARD_SUBDIR)
         writer = tf.summary.create_file_writer(tb_dir) if chief else tf.summary.create_noop_writer()
         log = self.logger_factory(writer, total, global_batch, start, chief)

@@ -25,11 +25,14 @@ def prepare(train_cfg):
     return strategy
 
 
+def steps_per_epoch(train_cfg, num_train_examples: int, global_batch: int) -> int:
+    return train_cfg.steps_per_epoch or max(1, num_train_examples // global_batch)
+
+
 def total_steps(train_cfg, num_train_examples: int, global_batch: int) -> int:
     if train_cfg.max_steps:
         return train_cfg.max_steps
-    per_epoch = train_cfg.steps_per_epoch or max(1, num_train_examples // global_batch)
-    return per_epoch * train_cfg.epochs
+    return steps_per_epoch(train_cfg, num_train_examples, global_batch) * train_cfg.epochs
 
 
 @dataclasses.dataclass

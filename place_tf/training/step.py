@@ -91,15 +91,21 @@ def _replica_step(strategy, state, train_cfg):
     return replica_step
 
 
-def build_train_step(strategy, state, train_cfg, objective_cfg):
+def build_train_step(strategy, state, train_cfg, objective_cfg, steps_per_epoch=None):
     """The distributed step `step(dist_batch) -> logs` (a tf.function; the logs stay on
-    the device until the caller reads them). Updates `state`'s counters on the device."""
+    the device until the caller reads them). Updates `state`'s counters on the device.
+    `steps_per_epoch` places epoch-based schedules of the objective (MGCA's prototypes
+    frozen in the first epochs); without it those options stay off."""
     import tensorflow as tf
 
     replica_step = _replica_step(strategy, state, train_cfg)
+    freeze = steps_per_epoch and getattr(objective_cfg, "freeze_prototypes_epochs", 0)
 
     @tf.function
     def step(dist_batch):
+        if freeze:
+            # Cross-replica context, before the replicas run: every copy sees one gate.
+            state.model.set_training_step(state.global_step, steps_per_epoch)
         per_replica = strategy.run(replica_step, args=(dist_batch,))
         logs = {
             k: strategy.reduce(REDUCTION.get(k, "mean"), v, axis=None)
