@@ -260,9 +260,7 @@ class Trainer:
     def _tokenizer(self):
         from place_tf.data import tokenizer as tok
 
-        d = self.cfg.data
-        vocab = d.vocab_file or os.path.join(d.corpus_dir, "vocab.txt")
-        return tok.ReportTokenizer(tok.load_vocabulary(vocab), max_length=d.max_length)
+        return tok.report_tokenizer(self.cfg.data, self.cfg.model.text_init)
 
     def _train_source(self):
         """A corpus directory (with manifest) or the expanded --train_files globs."""
@@ -373,6 +371,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
+        from place_tf import pretrained
         from place_tf.data import manifest as manifest_lib
         from place_tf.data import pipeline
 
@@ -397,8 +396,10 @@ class Trainer:
             num_train = int(corpus["splits"]["train"]["examples"])
         total_steps = self._steps(num_train, global_batch)
         tokenizer = self._tokenizer()
-        model_cfg = dataclasses.replace(
-            c.model, vocab_size=tokenizer.vocabulary_size, max_length=c.data.max_length
+        model_cfg = pretrained.resolve_model_config(
+            dataclasses.replace(
+                c.model, vocab_size=tokenizer.vocabulary_size, max_length=c.data.max_length
+            )
         )
         self._write_run_info(corpus, model_cfg, replicas, chief)
 
