@@ -64,6 +64,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the handle or file and the fix."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The handle names no directory, hub handle or keras-hub preset."""
+
+
 # ------------------------------------------------------------------ handles
 
 
@@ -241,8 +245,6 @@ def resolve(handle: str, what: str, family: str) -> str:
     A path that is neither a directory, a hub handle nor a keras-hub preset name raises
     FileNotFoundError naming it.
     """
-    import tensorflow as tf
-
     if handle.startswith(HF_SCHEME):
         handle = _resolve_hf(handle, what)
     elif handle.startswith(KAGGLE_SCHEME):
@@ -251,17 +253,29 @@ def resolve(handle: str, what: str, family: str) -> str:
         presets = _builtin_presets()
         if handle in presets:
             return _resolve_kaggle(presets[handle]["kaggle_handle"], what)
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{what}: checkpoint not found: {handle!r} is not a directory, an hf:// or "
             "kaggle:// handle, nor a keras-hub preset name"
         )
     elif "://" in handle and not handle.startswith(HF_SCHEME):
-        if not tf.io.gfile.isdir(handle):  # gs:// and other TF filesystems
-            raise FileNotFoundError(f"{what}: checkpoint directory not found: {handle!r}")
+        import tensorflow as tf  # gs:// and other TF filesystems
+
+        if not tf.io.gfile.isdir(handle):
+            raise CheckpointNotFoundError(f"{what}: checkpoint directory not found: {handle!r}")
         return handle
     if os.path.isdir(handle):
         _check_local(handle, what, family)
     return handle
+
+
+def check_model_config(model_config) -> None:
+    """Check the config's checkpoints (cheap: files and a connection probe, no weights),
+    so that a bad or unreachable one fails before data preparation and training."""
+    if model_config.image_init:
+        family = "resnet50" if model_config.image_encoder == "resnet50" else "vit"
+        resolve(model_config.image_init, "image encoder (--image_init)", family)
+    if model_config.text_init:
+        resolve(model_config.text_init, "text encoder (--text_init)", "bert")
 
 
 # ------------------------------------------------------------------ loading

@@ -97,6 +97,10 @@ def run(
     cfg, synthetic_images: int = 0, synthetic_seed: int = 0, export: bool = True, probe: bool = True
 ) -> dict:
     """Library entry point (also used by the TFX run_fn): train, save, export, probe."""
+    from place_tf import pretrained
+
+    # Before importing TensorFlow, generating data or building anything.
+    pretrained.check_model_config(cfg.model)
     from place_tf.trainer import SUMMARY_FILE, Trainer
 
     prepare_corpus(cfg.data.corpus_dir, synthetic_images, cfg.data.image_size, synthetic_seed)
@@ -156,8 +160,14 @@ def _print_summary(summary: dict, model_dir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from place_tf.pretrained import CheckpointError
+
     cfg = configs_from_flags()
-    summary = run(cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe)
+    try:
+        summary = run(cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe)
+    except CheckpointError as e:  # a message that names the handle/file and the fix
+        print(f"place_tf.train: error: {e}", file=sys.stderr)
+        return 2
     _print_summary(summary, cfg.train.model_dir)
     return 0
 
