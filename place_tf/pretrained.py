@@ -226,9 +226,15 @@ def _check_local(path: str, what: str, family: str) -> None:
         )
     model_type = _read_json(config_path).get("model_type", "?")
     if model_type not in model_types:
+        hint = (
+            " (a distilled DeiT, with its extra distillation token: use the plain DeiT "
+            "weights, e.g. facebook/deit-base-patch16-224, whose model_type is 'vit')"
+            if model_type == "deit"
+            else ""
+        )
         raise CheckpointError(
             f"{what}: {config_path} has model_type {model_type!r}; a {family} checkpoint "
-            f"needs one of {list(model_types) or 'keras-hub presets only'}"
+            f"needs one of {list(model_types) or 'keras-hub presets only'}{hint}"
         )
     weights = os.path.join(path, HF_WEIGHTS)
     if os.path.isfile(weights):

@@ -288,3 +288,68 @@ def test_hub_handle_offline_fails_fast_naming_handle(why, tmp_path, monkeypatch)
 def test_unknown_name_is_file_not_found():
     with pytest.raises(FileNotFoundError, match="no_such_preset_or_dir"):
         pretrained.resolve("no_such_preset_or_dir", "image encoder", "vit")
+
+
+# ------------------------------------------------------------------ train + export
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from place_tf.data import synthetic
+
+    d = str(tmp_path_factory.mktemp("corpus"))
+    synthetic.generate_corpus(d, 24, image_size=32, seed=0, num_shards=1, workers=1)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["hugging_face", "keras_hub"])
+def test_train_and_export_from_checkpoints(fmt, tiny_corpus, tmp_path):
+    """A short run from each checkpoint format; the SavedModel's embed_text tokenizes with
+    the checkpoint's (cased) vocabulary and equals the in-memory model."""
+    import keras
+    import tensorflow_text  # noqa: F401  (the SavedModel's tokenizer ops)
+
+    from place_tf import export as export_lib
+    from place_tf.trainer import Configs, Trainer
+
+    text, image = str(tmp_path / "text"), str(tmp_path / "image")
+    if fmt == "hugging_face":
+        C.write_hf_bert(text, seed=3)
+        C.write_hf_vit(image, seed=4)
+    else:
+        C.write_keras_hub_bert(text)
+        C.write_keras_hub_vit(image)
+    values = dict(config_lib.TINY_MODEL_FIELDS)
+    values.update(
+        corpus_dir=tiny_corpus,
+        model_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_replica_batch=4,
+        jit_compile=False,
+        text_init=text,
+        image_init=image,
+        vit_width=8,  # replaced by the checkpoint's 32
+    )
+    cfg = Configs(**config_lib.from_flat(values, "convirt"))
+    keras.utils.set_random_seed(0)
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    assert summary["steps"] == 2
+    mc = trainer.model.model_config
+    assert (mc.vit_width, mc.text_width, mc.vocab_size) == (32, 32, len(C.CASED_VOCAB))
+    assert trainer.tokenizer.get_vocabulary() == list(C.CASED_VOCAB)
+
+    out = export_lib.export_saved_model(
+        trainer.model, trainer.tokenizer, str(tmp_path / "serving" / "1"), image_size=32
+    )
+    with open(os.path.join(out, "assets", "vocab.txt"), encoding="utf-8") as f:
+        assert f.read().split("\n")[:-1] == list(C.CASED_VOCAB)
+    reports = ["Left Lung is clear.", "left lung is clear."]
+    served = tf.saved_model.load(out).signatures["embed_text"](reports=tf.constant(reports))
+    ids, mask = trainer.tokenizer(tf.constant(reports))
+    assert ids.numpy()[0, 1] == C.CASED_VOCAB.index("Left")  # cased, as the checkpoint
+    expected = trainer.model.encode_text(ids, mask, training=False)["text_embedding"]
+    np.testing.assert_allclose(served["text_embedding"].numpy(), np.asarray(expected), atol=1e-5)
+    # Casing reaches the embedding: the two spellings are different token sequences.
+    assert not np.allclose(served["text_embedding"].numpy()[0], served["text_embedding"].numpy()[1])
