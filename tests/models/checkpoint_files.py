@@ -44,6 +44,22 @@ def _save(tensors: dict, path: str) -> dict:
     return tensors
 
 
+def _layer(r, prefix: str, attention: str, norms, h: int, m: int) -> dict:
+    """One transformer layer in Hugging Face's names (BERT and ViT differ only in the
+    attention scope and the two LayerNorms' names)."""
+    t = {}
+    linears = [(f"{attention}.{n}", h, h) for n in ("query", "key", "value")]
+    linears += [("attention.output.dense", h, h), ("intermediate.dense", m, h)]
+    linears += [("output.dense", h, m)]
+    for name, out, inp in linears:
+        t[f"{prefix}{name}.weight"] = r(out, inp)
+        t[f"{prefix}{name}.bias"] = r(out)
+    for name in norms:
+        t[f"{prefix}{name}.weight"] = 1 + r(h)
+        t[f"{prefix}{name}.bias"] = r(h)
+    return t
+
+
 def hf_bert_tensors(seed: int = 0, **arch) -> dict:
     a = {**BERT, **arch}
     rng = np.random.default_rng(seed)
@@ -61,21 +77,9 @@ def hf_bert_tensors(seed: int = 0, **arch) -> dict:
         "bert.pooler.dense.weight": r(h, h),
         "bert.pooler.dense.bias": r(h),
     }
+    norms = ("attention.output.LayerNorm", "output.LayerNorm")
     for i in range(a["layers"]):
-        p = f"bert.encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            t[p + f"attention.self.{name}.weight"] = r(h, h)
-            t[p + f"attention.self.{name}.bias"] = r(h)
-        t[p + "attention.output.dense.weight"] = r(h, h)
-        t[p + "attention.output.dense.bias"] = r(h)
-        t[p + "attention.output.LayerNorm.weight"] = 1 + r(h)
-        t[p + "attention.output.LayerNorm.bias"] = r(h)
-        t[p + "intermediate.dense.weight"] = r(m, h)
-        t[p + "intermediate.dense.bias"] = r(m)
-        t[p + "output.dense.weight"] = r(h, m)
-        t[p + "output.dense.bias"] = r(h)
-        t[p + "output.LayerNorm.weight"] = 1 + r(h)
-        t[p + "output.LayerNorm.bias"] = r(h)
+        t.update(_layer(r, f"bert.encoder.layer.{i}.", "attention.self", norms, h, m))
     return t
 
 
@@ -162,21 +166,9 @@ def write_hf_vit(path: str, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         "vit.layernorm.weight": 1 + r(h),
         "vit.layernorm.bias": r(h),
     }
+    norms = ("layernorm_before", "layernorm_after")
     for i in range(a["layers"]):
-        q = f"vit.encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            t[q + f"attention.attention.{name}.weight"] = r(h, h)
-            t[q + f"attention.attention.{name}.bias"] = r(h)
-        t[q + "attention.output.dense.weight"] = r(h, h)
-        t[q + "attention.output.dense.bias"] = r(h)
-        t[q + "layernorm_before.weight"] = 1 + r(h)
-        t[q + "layernorm_before.bias"] = r(h)
-        t[q + "layernorm_after.weight"] = 1 + r(h)
-        t[q + "layernorm_after.bias"] = r(h)
-        t[q + "intermediate.dense.weight"] = r(m, h)
-        t[q + "intermediate.dense.bias"] = r(m)
-        t[q + "output.dense.weight"] = r(h, m)
-        t[q + "output.dense.bias"] = r(h)
+        t.update(_layer(r, f"vit.encoder.layer.{i}.", "attention.attention", norms, h, m))
     return _save(t, os.path.join(path, "model.safetensors"))
 
 
