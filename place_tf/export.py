@@ -494,7 +494,7 @@ def _define_flags():
     flags.DEFINE_string("vocab", None, "WordPiece vocabulary (vocab.txt) used in training")
     flags.DEFINE_string(
         "text_init",
-        "",
+        None,
         "the run's --text_init: its tokenizer (vocabulary, casing) instead of --vocab",
     )
     flags.DEFINE_bool(
