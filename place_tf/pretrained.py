@@ -51,13 +51,12 @@ FAMILIES = {
 }
 
 OFFLINE_HINT = (
-    "To use a local copy: on a machine with network, download it "
-    "(`hf download {repo} --local-dir DIR` for hf://, or "
-    "`python -c \"import kagglehub; print(kagglehub.model_download('{repo}'))\"` for "
-    "Kaggle / keras-hub preset names), copy DIR to this machine and pass it as the flag "
-    "value; or point HF_HOME / KAGGLEHUB_CACHE at a cache that holds it "
-    '(README "Training": initialisation).'
+    "To use a local copy: on a machine with network run {download}, copy the directory "
+    "it prints or writes to this machine and pass that directory as the flag value; or "
+    'point {cache} at a cache that holds it (README "Training": initialisation).'
 )
+HF_DOWNLOAD = "`hf download {repo} --local-dir DIR`"
+KAGGLE_DOWNLOAD = "`python -c \"import kagglehub; print(kagglehub.model_download('{repo}'))\"`"
 
 
 class CheckpointError(ValueError):
@@ -143,7 +142,7 @@ def _resolve_hf(handle: str, what: str) -> str:
         f"{what}: cannot download {handle}: "
         + ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{_hf_host()} is unreachable")
         + f" and the Hugging Face cache ({constants.HF_HUB_CACHE}) has no copy. "
-        + OFFLINE_HINT.format(repo=repo)
+        + OFFLINE_HINT.format(download=HF_DOWNLOAD.format(repo=repo), cache="HF_HOME")
     )
 
 
@@ -166,7 +165,9 @@ def _resolve_kaggle(handle: str, what: str) -> str:
     raise CheckpointError(
         f"{what}: cannot download {handle}: www.kaggle.com is unreachable and "
         "kagglehub's cache (KAGGLEHUB_CACHE, default ~/.cache/kagglehub) has no copy. "
-        + OFFLINE_HINT.format(repo=kaggle_handle)
+        + OFFLINE_HINT.format(
+            download=KAGGLE_DOWNLOAD.format(repo=kaggle_handle), cache="KAGGLEHUB_CACHE"
+        )
     )
 
 

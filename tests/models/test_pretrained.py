@@ -353,3 +353,14 @@ def test_train_and_export_from_checkpoints(fmt, tiny_corpus, tmp_path):
     np.testing.assert_allclose(served["text_embedding"].numpy(), np.asarray(expected), atol=1e-5)
     # Casing reaches the embedding: the two spellings are different token sequences.
     assert not np.allclose(served["text_embedding"].numpy()[0], served["text_embedding"].numpy()[1])
+
+
+def test_preset_name_offline_names_kaggle_handle_and_cache(monkeypatch):
+    monkeypatch.setattr(pretrained, "_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(pretrained, "_kaggle_cached", lambda handle: False)
+    with pytest.raises(pretrained.CheckpointError) as err:
+        pretrained.resolve("vit_base_patch16_224_imagenet", "image encoder", "vit")
+    msg = str(err.value)
+    assert "cannot download kaggle://keras/vit/keras/vit_base_patch16_224_imagenet" in msg
+    assert "kagglehub.model_download('keras/vit/keras/vit_base_patch16_224_imagenet" in msg
+    assert "KAGGLEHUB_CACHE" in msg
