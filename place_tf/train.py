@@ -23,6 +23,18 @@ from place_tf import config as config_lib
 FLAGS = flags.FLAGS
 
 
+# Flags whose value is more than a number: what they accept (README "Training").
+FIELD_HELP = {
+    "image_init": "pre-trained image encoder: a keras-hub preset name, kaggle://..., "
+    "hf://owner/name (ViT/DeiT), or a local keras-hub or Hugging Face directory; "
+    "its architecture replaces the vit_* flags ('' = random init)",
+    "text_init": "pre-trained BERT: a keras-hub preset name, kaggle://..., hf://owner/name, "
+    "or a local keras-hub or Hugging Face directory; brings its vocabulary and casing; "
+    "the first --text_layers layers are kept ('' = random init)",
+    "lowercase_reports": "lower-case report text before a cased checkpoint tokenizer (MGCA does)",
+}
+
+
 def define_config_flags() -> None:
     """One absl flag per config field (idempotent)."""
     seen: dict[str, object] = {}
@@ -32,7 +44,7 @@ def define_config_flags() -> None:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             seen[f.name] = default
-            help_ = f"[{section}] {f.name}"
+            help_ = f"[{section}] {FIELD_HELP.get(f.name, f.name)}"
             if isinstance(default, bool):
                 flags.DEFINE_bool(f.name, default, help_)
             elif isinstance(default, int):
