@@ -186,7 +186,8 @@ def _no_safetensors_message(where: str, others: list[str], repo: str = "") -> st
 
 
 def _check_safetensors(path: str) -> None:
-    """Open the file's header and read every tensor (a truncated file fails here)."""
+    """Open the file: safetensors checks the header and that the file holds every byte the
+    header declares, so a corrupt or truncated download fails here, naming the file."""
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - the lock pins it
