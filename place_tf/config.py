@@ -42,6 +42,9 @@ class DataConfig:
     max_length: int = 112  # report tokens, [CLS] and [SEP] included
     vocab_file: str = ""  # WordPiece vocabulary (one token per line)
     vocab_size: int = 30522  # used when learning a vocabulary
+    # Lower-case report text before tokenization even when the text checkpoint's
+    # tokenizer is cased (MGCA does); learned vocabularies are lower-case anyway.
+    lowercase_reports: bool = False
     augment: bool = True
     shuffle_buffer: int = 2048
     deterministic: bool = False
@@ -77,7 +80,11 @@ class ModelConfig:
     cce_mask_ratio: float = 0.5
     num_prototypes: int = 500  # MGCA CPA
     dropout: float = 0.0
-    image_init: str = ""  # local keras-hub preset directory (optional)
+    # Pre-trained initialisation (place_tf/pretrained.py): a keras-hub preset name,
+    # kaggle://..., hf://owner/name, or a local keras-hub / Hugging Face directory.
+    # The encoders' architecture then comes from the checkpoint, and with text_init the
+    # tokenizer (vocabulary, casing) too. "" = random initialisation.
+    image_init: str = ""
     text_init: str = ""
 
 

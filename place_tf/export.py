@@ -28,12 +28,17 @@ Numerics: each signature equals the in-memory Keras model (`encode_image` on
 `preprocess_image_bytes` output, `encode_text` on the tokenizer output) within 1e-5
 absolute (tests/test_export.py).
 
-The SavedModel's `assets/` holds only `vocab.txt` (the WordPiece vocabulary); report text,
-ids and configs with paths are not exported. Loading it in Python needs
+The SavedModel's `assets/` holds only `vocab.txt` (the WordPiece vocabulary the model was
+trained with: the corpus' or, with a pre-trained text encoder, the checkpoint's; the
+tokenizer's casing is part of the graph); report text, ids and configs with paths are not
+exported. Images need no checkpoint-specific preprocessing: a pre-trained RGB checkpoint's
+normalisation is folded into the patch embedding (place_tf/models/image_encoders.py). Loading it in Python needs
 `import tensorflow_text` first (the tokenizer's ops); stock TF Serving links them.
 
 CLI: python -m place_tf.export --model=run/model.keras --vocab=vocab.txt \
        --output=serving/1 [--image_size=224] [--max_image_pixels=50000000]
+     (a model trained from a text checkpoint: --text_init=<the run's --text_init>
+      [--lowercase_reports] instead of --vocab: the checkpoint's vocabulary and casing)
 """
 
 from __future__ import annotations
@@ -487,14 +492,23 @@ def _define_flags():
 
     flags.DEFINE_string("model", None, "path to the trained model (.keras)")
     flags.DEFINE_string("vocab", None, "WordPiece vocabulary (vocab.txt) used in training")
+    flags.DEFINE_string(
+        "text_init",
+        None,
+        "the run's --text_init: its tokenizer (vocabulary, casing) instead of --vocab",
+    )
+    flags.DEFINE_bool(
+        "lowercase_reports", False, "the run's --lowercase_reports (with --text_init)"
+    )
     flags.DEFINE_string("output", None, "SavedModel directory <base>/<integer version>")
     flags.DEFINE_integer("image_size", 0, "input size; 0 = the model's configured size")
     flags.DEFINE_integer(
         "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "reject images with more pixels"
     )
     flags.DEFINE_integer("max_length", 0, "report tokens; 0 = the model's max_length")
-    for name in ("model", "vocab", "output"):
+    for name in ("model", "output"):
         flags.mark_flag_as_required(name)
+    flags.mark_flags_as_mutual_exclusive(["vocab", "text_init"], required=True)
 
 
 def main(argv) -> int:
@@ -502,7 +516,8 @@ def main(argv) -> int:
     from absl import app, flags, logging
 
     import place_tf.models.place_model  # noqa: F401  (registers the serializable classes)
-    from place_tf.data.tokenizer import ReportTokenizer
+    from place_tf.config import DataConfig
+    from place_tf.data.tokenizer import ReportTokenizer, report_tokenizer
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -512,7 +527,12 @@ def main(argv) -> int:
     model = keras.saving.load_model(f.model, safe_mode=True)
     cfg = model.model_config
     try:
-        tokenizer = ReportTokenizer(f.vocab, max_length=f.max_length or cfg.max_length)
+        max_length = f.max_length or cfg.max_length
+        if f.text_init:
+            data = DataConfig(max_length=max_length, lowercase_reports=f.lowercase_reports)
+            tokenizer = report_tokenizer(data, f.text_init)
+        else:
+            tokenizer = ReportTokenizer(f.vocab, max_length=max_length)
         out = export_saved_model(
             model,
             tokenizer,

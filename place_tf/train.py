@@ -23,6 +23,18 @@ from place_tf import objectives, presets
 FLAGS = flags.FLAGS
 
 
+# Flags whose value is more than a number: what they accept (README "Training").
+FIELD_HELP = {
+    "image_init": "pre-trained image encoder: a keras-hub preset name, kaggle://..., "
+    "hf://owner/name (ViT/DeiT), or a local keras-hub or Hugging Face directory; "
+    "its architecture replaces the vit_* flags ('' = random init)",
+    "text_init": "pre-trained BERT: a keras-hub preset name, kaggle://..., hf://owner/name, "
+    "or a local keras-hub or Hugging Face directory; brings its vocabulary and casing; "
+    "the first --text_layers layers are kept ('' = random init)",
+    "lowercase_reports": "lower-case report text before a cased checkpoint tokenizer (MGCA does)",
+}
+
+
 def define_config_flags() -> None:
     """One absl flag per config field (idempotent)."""
     seen: dict[str, object] = {}
@@ -32,7 +44,7 @@ def define_config_flags() -> None:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             seen[f.name] = default
-            help_ = f"[{section}] {f.name}"
+            help_ = f"[{section}] {FIELD_HELP.get(f.name, f.name)}"
             if isinstance(default, bool):
                 flags.DEFINE_bool(f.name, default, help_)
             elif isinstance(default, int):
@@ -109,8 +121,13 @@ def run(
     probe: bool = True,
     on_step=None,
 ) -> dict:
-    """Library entry point: train, save, export, probe. `on_step(trainer, step)` runs
-    after every training step (fault injection in the reliability tests)."""
+    """Library entry point (also used by the TFX run_fn): train, save, export, probe.
+    `on_step(trainer, step)` runs after every training step (fault injection in the
+    reliability tests)."""
+    from place_tf import pretrained
+
+    # Before importing TensorFlow, generating data or building anything.
+    pretrained.check_model_config(cfg.model)
     from place_tf.training import run_dir
     from place_tf.training.loop import Trainer
 
@@ -169,10 +186,16 @@ def main(argv, on_step=None):
     """The CLI; `on_step` as in `run` (tests/reliability/fault_launcher.py)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from place_tf.pretrained import CheckpointError
+
     cfg = configs_from_flags()
-    summary = run(
-        cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe, on_step
-    )
+    try:
+        summary = run(
+            cfg, FLAGS.synthetic_images, FLAGS.synthetic_seed, FLAGS.export, FLAGS.probe, on_step
+        )
+    except CheckpointError as e:  # a message that names the handle/file and the fix
+        print(f"place_tf.train: error: {e}", file=sys.stderr)
+        return 2
     _print_summary(summary, cfg.train.model_dir)
     return 0
 

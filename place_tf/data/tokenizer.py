@@ -10,6 +10,10 @@ Vocabulary files are BERT-style `vocab.txt` (one token per line). Special tokens
 looked up by name, so both our learned vocabularies ([PAD], [UNK], [CLS], [SEP], [MASK]
 first) and BERT/BioClinicalBERT files ([PAD] = 0, the others further down) work;
 [PAD] must be index 0 because padding masks and embeddings assume it.
+
+With a pre-trained text encoder (`--text_init`) the tokenizer is the checkpoint's:
+vocabulary, casing and special tokens come from it (`report_tokenizer`), not from
+`--vocab_file`; `--lowercase_reports` additionally lower-cases report text (MGCA does).
 """
 
 from __future__ import annotations
@@ -340,3 +344,34 @@ class ReportTokenizer(keras.layers.Layer):
             }
         )
         return config
+
+
+# --------------------------------------------------------------------------------------
+# The training tokenizer: the corpus vocabulary or the text checkpoint's
+# --------------------------------------------------------------------------------------
+
+
+def report_tokenizer(data_config, text_init: str = "") -> ReportTokenizer:
+    """The ReportTokenizer a run trains (and exports) with.
+
+    Without `text_init`: the WordPiece vocabulary `data_config.vocab_file`, else the
+    corpus' `vocab.txt` (learned lower-case). With `text_init` (a BERT checkpoint handle,
+    place_tf.pretrained): the checkpoint's vocabulary and casing; an explicit
+    `vocab_file` must then hold the same vocabulary. `data_config.lowercase_reports`
+    lower-cases report text even for a cased checkpoint.
+    """
+    d = data_config
+    lowercase_reports = bool(getattr(d, "lowercase_reports", False))
+    if not text_init:
+        vocab = d.vocab_file or os.path.join(d.corpus_dir, "vocab.txt")
+        return ReportTokenizer(load_vocabulary(vocab), max_length=d.max_length)
+    from place_tf import pretrained
+
+    vocab, lowercase = pretrained.wordpiece(text_init)
+    vocab = check_vocabulary(vocab, where=f"vocabulary of checkpoint {text_init}")
+    if d.vocab_file and load_vocabulary(d.vocab_file) != vocab:
+        raise ValueError(
+            f"--vocab_file={d.vocab_file} is not the vocabulary of --text_init={text_init}; "
+            "a pre-trained text encoder needs its own vocabulary: drop --vocab_file"
+        )
+    return ReportTokenizer(vocab, max_length=d.max_length, lowercase=lowercase or lowercase_reports)

@@ -15,6 +15,7 @@ no further encoder passes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
@@ -49,6 +50,14 @@ def load_tokenizer(model, model_path: str = "", data_dir: str = "", vocab_file: 
 
     candidates = [vocab_file]
     info = read_run_info(model_path) if model_path else None
+    text_init = (info or {}).get("configs", {}).get("model", {}).get("text_init", "")
+    if text_init and not vocab_file:
+        # Trained from a text checkpoint: its vocabulary and casing, as in training.
+        from place_tf.config import DataConfig, from_dict
+
+        data_cfg = from_dict(DataConfig, info["configs"].get("data", {}))
+        data_cfg = dataclasses.replace(data_cfg, max_length=model.model_config.max_length)
+        return tok.report_tokenizer(data_cfg, text_init)
     if info:
         candidates.append(info.get("configs", {}).get("data", {}).get("vocab_file", ""))
         run_corpus = info.get("configs", {}).get("data", {}).get("corpus_dir", "")

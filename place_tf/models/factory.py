@@ -42,9 +42,15 @@ def create_model(model_cfg, objective_cfg, seed: int | None = None, build: bool 
 
 def random_init_twin(model_cfg, objective_cfg, seed: int, build: bool = True):
     """The untrained model of the same configs, initialised from `seed` (the baseline a
-    pre-trained model must beat)."""
+    pre-trained model must beat). Checkpoint initialisation (`image_init`, `text_init`) is
+    dropped: the twin of a model that started from public weights is random too."""
     import keras
 
+    from place_tf.config import ModelConfig, from_dict
+
+    if isinstance(model_cfg, dict):
+        model_cfg = from_dict(ModelConfig, model_cfg)
+    model_cfg = dataclasses.replace(model_cfg, image_init="", text_init="")
     keras.utils.set_random_seed(seed)
     return create_model(model_cfg, objective_cfg, seed=seed, build=build)
 

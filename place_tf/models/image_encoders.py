@@ -13,11 +13,23 @@
   `encode_patches` zeroes the masked 16×16 cells of the input (0 is mid-grey after the
   (x/255-0.5)/0.5 normalisation) and returns the tokens at the kept cells.
 
-Optional initialisation from a LOCAL keras-hub preset directory (`init_from`): the
-encoder is always built from its own arguments, then the preset's weights are copied in by
-variable path. A 3-channel patch/stem kernel is summed over its input channels to take a
-grayscale image; BERT-style longer position tables are truncated. Nothing is downloaded:
-a path that is not an existing directory raises FileNotFoundError naming it.
+Optional initialisation from a pre-trained checkpoint (`init_from`: a keras-hub preset
+name, `kaggle://` / `hf://` handle or a local keras-hub or Hugging Face directory; see
+place_tf.pretrained): the encoder is always built from its own arguments (which
+`pretrained.resolve_model_config` takes from the checkpoint), then the checkpoint's
+weights, loaded and converted by keras-hub, are copied in by variable path:
+- grayscale input, fed as the RGB checkpoint expects: our pixels arrive as
+  x = (p - 0.5) / 0.5 in one channel; the checkpoint wants p·scale_c + offset_c in each
+  of 3 channels (its own normalisation). The ViT patch embedding is linear and unpadded,
+  so replicating the channel and renormalising equals folding both into the kernel and
+  bias: kernel' = Σ_c kernel_c·scale_c/2, bias' = bias + Σ kernel_c·(scale_c/2 + offset_c)
+  (exact). A ResNet stem kernel is summed over its channels (zero padding makes the
+  offset fold inexact at the borders);
+- ViT position embeddings are interpolated (bicubic, the class token kept) when
+  image_size / patch_size differs from the checkpoint's grid;
+- a longer BERT position table is truncated; the first text_layers layers are kept.
+Any other shape difference fails before training, naming the checkpoint, the weight and
+both shapes.
 """
 
 from __future__ import annotations
@@ -30,22 +42,27 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from place_tf import pretrained
+
 log = logging.getLogger(__name__)
 
 RESNET_TOKEN_STRIDE = 16  # P4 / "layer3": one local token per 16×16 pixel cell
 
 
-def check_preset_dir(path: str, what: str) -> None:
-    """Raise FileNotFoundError unless `path` is an existing (local or gfile) directory."""
-    if not tf.io.gfile.isdir(path):
-        raise FileNotFoundError(
-            f"{what}: keras-hub preset directory not found: {path!r} "
-            "(only local preset directories are supported; nothing is downloaded)"
-        )
+def _interpolate_positions(value: np.ndarray, rows: int) -> np.ndarray:
+    """ViT position table [1 + g0², W] → [1 + g², W]: the grid part resized bicubically."""
+    g0, g = int(round((value.shape[0] - 1) ** 0.5)), int(round((rows - 1) ** 0.5))
+    grid = value[1:].reshape(1, g0, g0, value.shape[1])
+    grid = tf.image.resize(grid, (g, g), method="bicubic").numpy().reshape(g * g, -1)
+    return np.concatenate([value[:1], grid.astype(value.dtype)], axis=0)
+
+
+def _is_square_grid(n: int) -> bool:
+    return n > 0 and int(round(n**0.5)) ** 2 == n
 
 
 def _adapt(value: np.ndarray, shape: tuple, path: str, preset: str) -> np.ndarray:
-    """Fit a preset weight into a target variable of `shape`, or raise naming both."""
+    """Fit a checkpoint weight into a target variable of `shape`, or raise naming both."""
     if tuple(value.shape) == shape:
         return value
     # RGB stem / patch-embedding kernel [kh, kw, 3, out] → grayscale [kh, kw, 1, out].
@@ -57,6 +74,16 @@ def _adapt(value: np.ndarray, shape: tuple, path: str, preset: str) -> np.ndarra
         and shape[2] == 1
     ):
         return value.sum(axis=2, keepdims=True)
+    # ViT position table of another grid (image_size / patch_size): interpolate.
+    if (
+        path.startswith("vit_patching_and_embedding/position_embedding")
+        and value.ndim == 2
+        and len(shape) == 2
+        and value.shape[1] == shape[1]
+        and _is_square_grid(value.shape[0] - 1)
+        and _is_square_grid(shape[0] - 1)
+    ):
+        return _interpolate_positions(value, shape[0])
     # Longer learned position table (BERT 512 → max_length): keep the first rows.
     if (
         "position" in path
@@ -67,31 +94,61 @@ def _adapt(value: np.ndarray, shape: tuple, path: str, preset: str) -> np.ndarra
         and "vit" not in path
     ):
         return value[: shape[0]]
-    raise ValueError(
-        f"preset {preset!r}: weight {path!r} has shape {tuple(value.shape)}, the model "
-        f"needs {shape}; make ModelConfig match the preset's architecture"
+    raise pretrained.CheckpointError(
+        f"checkpoint {preset!r}: weight {path!r} has shape {tuple(value.shape)}, the model "
+        f"needs {shape}; make the model settings match the checkpoint's architecture"
     )
 
 
-def load_preset_weights(target: keras.Model, preset_cls, path: str, what: str) -> None:
-    """Copy the weights of the preset at `path` into `target` (a built keras-hub backbone)."""
-    check_preset_dir(path, what)
-    source = preset_cls.from_preset(path)
-    by_path = {w.path: w for w in source.weights}
+def fold_grayscale_patch_embedding(kernel, bias, scale, offset):
+    """(kernel [kh,kw,1,W], bias [W]) on our grayscale input x = 2p - 1 that equal the RGB
+    patch embedding (kernel [kh,kw,C,W], bias) on the checkpoint's input p·scale + offset."""
+    scale = np.asarray(scale, kernel.dtype)
+    offset = np.asarray(offset, kernel.dtype)
+    folded = (kernel * (scale / 2)[None, None, :, None]).sum(axis=2, keepdims=True)
+    shift = (kernel * (scale / 2 + offset)[None, None, :, None]).sum(axis=(0, 1, 2))
+    return folded, bias + shift
+
+
+def load_preset_weights(
+    target: keras.Model, handle: str, what: str, family: str, overrides: dict | None = None
+) -> None:
+    """Copy the weights of checkpoint `handle` into `target` (a built keras-hub backbone);
+    `overrides` maps a variable path to a value that replaces the checkpoint's."""
+    source = pretrained.load_backbone(handle, what, family)
+    values = {w.path: np.asarray(w.numpy()) for w in source.weights}
+    values.update(overrides(values) if overrides else {})
     used = set()
     for w in target.weights:
-        src = by_path.get(w.path)
-        if src is None:
-            raise ValueError(
-                f"preset {path!r} has no weight {w.path!r} needed by the {what}; "
-                "make ModelConfig match the preset's architecture"
+        if w.path not in values:
+            raise pretrained.CheckpointError(
+                f"checkpoint {handle!r} has no weight {w.path!r} needed by the {what}; "
+                "make the model settings match the checkpoint's architecture"
             )
         used.add(w.path)
-        w.assign(_adapt(np.asarray(src.numpy()), tuple(w.shape), w.path, path))
-    unused = sorted(set(by_path) - used)
+        w.assign(_adapt(values[w.path], tuple(w.shape), w.path, handle))
+    unused = sorted(set(values) - used)
     if unused:
-        log.warning("%s: %d preset weights unused (e.g. %s)", what, len(unused), unused[0])
-    log.info("%s initialised from preset %s", what, path)
+        log.info("%s: %d checkpoint weights unused (e.g. %s)", what, len(unused), unused[0])
+    log.info("%s initialised from checkpoint %s", what, handle)
+
+
+PATCH_KERNEL = "vit_patching_and_embedding/patch_embedding/kernel"
+PATCH_BIAS = "vit_patching_and_embedding/patch_embedding/bias"
+
+
+def _vit_grayscale_overrides(handle: str):
+    """Checkpoint values → the folded grayscale patch embedding (see module docstring)."""
+
+    def overrides(values: dict) -> dict:
+        kernel = values.get(PATCH_KERNEL)
+        if kernel is None or kernel.shape[2] == 1 or PATCH_BIAS not in values:
+            return {}
+        scale, offset = pretrained.image_normalisation(handle, "vit", kernel.shape[2])
+        folded, bias = fold_grayscale_patch_embedding(kernel, values[PATCH_BIAS], scale, offset)
+        return {PATCH_KERNEL: folded, PATCH_BIAS: bias}
+
+    return overrides
 
 
 @keras.saving.register_keras_serializable(package="place_tf")
@@ -136,7 +193,11 @@ class ViTImageEncoder(keras.layers.Layer):
         )
         if self.init_from:
             load_preset_weights(
-                self.backbone, keras_hub.models.ViTBackbone, self.init_from, "image encoder"
+                self.backbone,
+                self.init_from,
+                "image encoder",
+                "vit",
+                overrides=_vit_grayscale_overrides(self.init_from),
             )
 
     # Looked up on use, not stored: a second attribute would track the layers twice.
@@ -242,9 +303,7 @@ class ResNetImageEncoder(keras.layers.Layer):
             name="resnet_backbone",
         )
         if self.init_from:
-            load_preset_weights(
-                backbone, keras_hub.models.ResNetBackbone, self.init_from, "image encoder"
-            )
+            load_preset_weights(backbone, self.init_from, "image encoder", "resnet50")
         # Only the two-output view is tracked (same layers and weights as the backbone).
         self.features = keras.Model(
             backbone.inputs,

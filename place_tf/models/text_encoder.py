@@ -8,8 +8,10 @@ batch, measured), so a from-scratch contrastive run starts with constant text em
 and collapses (ITA stuck at ln B); the mean over tokens differs per report from step 0,
 and works as well with a pre-trained BERT. BERT's `pooled_dense` (tanh) head is not used, so it is frozen (a trainable
 weight that never gets a gradient would trip optimizers and gradient checks). Segment ids
-are all 0. Optional init from a local keras-hub preset directory (see image_encoders):
-the vocabulary must then be the preset's, a longer position table is truncated.
+are all 0. Optional init from a pre-trained BERT checkpoint (keras-hub preset or Hugging
+Face BERT, see place_tf.pretrained and image_encoders): the first num_layers layers are
+kept (MGCA: 6 of BioClinicalBERT's 12), a longer position table is truncated, and the
+vocabulary is the checkpoint's (place_tf.data.tokenizer.report_tokenizer).
 """
 
 from __future__ import annotations
@@ -65,9 +67,7 @@ class TextEncoder(keras.layers.Layer):
             name="bert_backbone",
         )
         if self.init_from:
-            load_preset_weights(
-                self.backbone, keras_hub.models.BertBackbone, self.init_from, "text encoder"
-            )
+            load_preset_weights(self.backbone, self.init_from, "text encoder", "bert")
         self.backbone.get_layer("pooled_dense").trainable = False
 
     @property

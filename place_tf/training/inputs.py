@@ -3,15 +3,13 @@ of a run that starts (or resumes) at a given step, distributed over the replicas
 
 from __future__ import annotations
 
-from place_tf.training import run_dir
 
-
-def tokenizer(data_cfg):
-    """The run's ReportTokenizer (vocabulary: run_dir.vocabulary_path)."""
+def tokenizer(data_cfg, text_init: str = ""):
+    """The run's ReportTokenizer: the text checkpoint's vocabulary and casing when the text
+    encoder starts from one, else --vocab_file or the corpus's vocab.txt."""
     from place_tf.data import tokenizer as tok
 
-    vocab = tok.load_vocabulary(run_dir.vocabulary_path(data_cfg))
-    return tok.ReportTokenizer(vocab, max_length=data_cfg.max_length)
+    return tok.report_tokenizer(data_cfg, text_init)
 
 
 def _expand(globs: str, flag: str) -> list[str]:

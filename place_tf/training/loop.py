@@ -27,7 +27,7 @@ import time
 
 from absl import logging
 
-from place_tf import distribute
+from place_tf import distribute, pretrained
 from place_tf.training import checkpoints, guards, inputs, logger, run_dir, setup, step
 
 
@@ -114,9 +114,12 @@ class Trainer:
         chief = distribute.is_chief(strategy)
         corpus, num_train = self._corpus()
         total = setup.total_steps(t, num_train, global_batch)
-        self.tokenizer = tokenizer = inputs.tokenizer(c.data)
-        model_cfg = dataclasses.replace(
-            c.model, vocab_size=tokenizer.vocabulary_size, max_length=c.data.max_length
+        self.tokenizer = tokenizer = inputs.tokenizer(c.data, c.model.text_init)
+        # The encoders' architecture comes from their checkpoints when they start from one.
+        model_cfg = pretrained.resolve_model_config(
+            dataclasses.replace(
+                c.model, vocab_size=tokenizer.vocabulary_size, max_length=c.data.max_length
+            )
         )
         if chief:
             run_dir.write_run_info(t.model_dir, c, model_cfg, corpus, replicas)

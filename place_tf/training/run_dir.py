@@ -23,17 +23,11 @@ CKPT_SUBDIR = "checkpoints"
 SUMMARY_FILE = "summary.json"
 RUN_INFO_FILE = "run_info.json"
 MODEL_FILE = "model.keras"
-VOCAB_FILE = "vocab.txt"
 TENSORBOARD_SUBDIR = "tensorboard"
 
 
 def checkpoint_dir(model_dir: str) -> str:
     return os.path.join(model_dir, CKPT_SUBDIR)
-
-
-def vocabulary_path(data_cfg) -> str:
-    """The WordPiece vocabulary of a run: --vocab_file, else the corpus's vocab.txt."""
-    return data_cfg.vocab_file or os.path.join(data_cfg.corpus_dir, VOCAB_FILE)
 
 
 def git_revision() -> str:

@@ -11,8 +11,8 @@ import tensorflow as tf
 from tiny_batches import make_batch
 
 from place_tf.config import tiny_model_config
-from place_tf.objectives import objective_config
 from place_tf.models.place_model import PLACEModel
+from place_tf.objectives import objective_config
 
 K = 4  # tiny model's num_queries
 

@@ -25,8 +25,8 @@ def _run() -> dict:
     import keras
 
     from place_tf.config import tiny_model_config
-    from place_tf.objectives import objective_config
     from place_tf.models.place_model import PLACEModel
+    from place_tf.objectives import objective_config
 
     rng = np.random.default_rng(0)
     b, length = 8, 16
