@@ -60,12 +60,7 @@ def test_no_module_level_import_cycle_in_place_tf():
     assert not cycles, "module-level import cycles:\n" + "\n".join(cycles)
 
 
-# Known, in files another change is rewriting (the converters' shared base); remove the
-# entries when it lands.
-PENDING = {
-    "place_tf/data/convert/mimic.py": {"_parse_views"},
-    "place_tf/data/convert/siim.py": {"_fractions"},
-}
+PENDING: dict[str, set[str]] = {}
 
 
 def test_no_private_names_imported_across_modules():

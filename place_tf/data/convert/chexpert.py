@@ -147,7 +147,7 @@ def _rel_or_none(path: str) -> str | None:
         return None
 
 
-def _parse_views(views) -> tuple[str, ...]:
+def parse_views(views) -> tuple[str, ...]:
     if isinstance(views, str):
         views = [v for v in views.split(",") if v.strip()]
     views = tuple(v.strip().upper() for v in views)
@@ -176,7 +176,7 @@ class ChexpertConverter(bs.Converter):
         if validate_holdout < 0:
             raise ValueError(f"--validate_holdout must be >= 0, got {validate_holdout}")
         self.uncertain_policy = uncertain_policy
-        self.views = _parse_views(views)
+        self.views = parse_views(views)
         self.exclude = exclude
         self.validate_holdout = int(validate_holdout)
         self.seed = int(seed)
@@ -320,7 +320,7 @@ def select_5x200(
     Candidates are sorted by path before the seeded sample, so the result depends only on
     the CSV content and the seed. Raises ValueError naming a label with too few candidates.
     """
-    views = _parse_views(views)
+    views = parse_views(views)
     cands: dict[str, list[Mapping[str, str]]] = {c: [] for c in schema.COMPETITION_LABELS}
     for row in rows:
         try:

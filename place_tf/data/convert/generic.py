@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from place_tf.data import reports, schema, splits
 from place_tf.data.convert import beam_skeleton as bs
 from place_tf.data.convert.chexpert import parse_label_value
-from place_tf.data.convert.rsna import _fractions
+from place_tf.data.convert.rsna import split_fractions_arg
 
 DEFAULT_CSV = "data.csv"
 
@@ -51,7 +51,7 @@ class GenericConverter(bs.Converter):
         self.csv = csv or bs.join(input_dir, DEFAULT_CSV)
         self.image_column = image_column
         self.report_column = report_column
-        self.split_fractions = _fractions(split_fractions)
+        self.split_fractions = split_fractions_arg(split_fractions)
         self.require_report = bool(require_report)
         self.name = source_name or "generic"
 

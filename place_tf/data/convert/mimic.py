@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 from place_tf.data import reports, schema
 from place_tf.data.convert import beam_skeleton as bs
-from place_tf.data.convert.chexpert import UNCERTAIN_POLICIES, _parse_views, parse_labels
+from place_tf.data.convert.chexpert import UNCERTAIN_POLICIES, parse_labels, parse_views
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv.gz"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv.gz"
@@ -95,7 +95,7 @@ class MimicConverter(bs.Converter):
                 f"--uncertain_policy must be one of {UNCERTAIN_POLICIES}, got {uncertain_policy!r}"
             )
         self.reports_dir = reports_dir or input_dir
-        self.views = _parse_views(views)
+        self.views = parse_views(views)
         self.uncertain_policy = uncertain_policy
 
     @classmethod

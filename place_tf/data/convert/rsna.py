@@ -84,7 +84,7 @@ def normalise_box(x: float, y: float, w: float, h: float, img_h: int, img_w: int
     return [x0, y0, x1, y1]
 
 
-def _fractions(value) -> tuple[float, float, float]:
+def split_fractions_arg(value) -> tuple[float, float, float]:
     if isinstance(value, str):
         value = [float(v) for v in value.split(",")]
     value = tuple(float(v) for v in value)
@@ -111,7 +111,7 @@ class RsnaConverter(bs.Converter):
         self.masks_from_boxes = bool(masks_from_boxes)
         self.box_label = box_label
         self._box_index = schema.label_index(box_label)
-        self.split_fractions = _fractions(split_fractions)
+        self.split_fractions = split_fractions_arg(split_fractions)
         self.labels_csv = labels_csv
         self.images_dir = images_dir
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from place_tf.data import schema, splits
 from place_tf.data.convert import beam_skeleton as bs
-from place_tf.data.convert.rsna import _fractions
+from place_tf.data.convert.rsna import split_fractions_arg
 
 RLE_CSV = "train-rle.csv"
 IMAGES_DIR = "dicom-images-train"
@@ -113,7 +113,7 @@ class SiimConverter(bs.Converter):
         super().__init__(input_dir)
         if rle_format not in ("relative", "absolute"):
             raise ValueError(f"--rle_format must be relative or absolute, got {rle_format!r}")
-        self.split_fractions = _fractions(split_fractions)
+        self.split_fractions = split_fractions_arg(split_fractions)
         self.rle_format = rle_format
         self.rle_csv = rle_csv
         self.images_dir = images_dir
