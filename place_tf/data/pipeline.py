@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from place_tf.config import DataConfig
 from place_tf.data import manifest as manifest_lib
-from place_tf.data import schema
+from place_tf.data import reports, schema
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +374,10 @@ def _examples(
     compression_type: str,
     frontal_only: bool,
     require_report: bool = True,
+    report_order: str = "findings_impression",
 ):
-    """Validated single examples: dict(image [S,S,1] 0..255, labels, class_label, report)."""
+    """Validated single examples: dict(image [S,S,1] 0..255, labels, class_label, report);
+    the report's sections joined in `report_order` (reports.REPORT_ORDERS)."""
     compression = _compression_of(files, compression_type)
     record_shard = None
     if input_context is not None and input_context.num_input_pipelines > 1:
@@ -436,7 +438,7 @@ def _examples(
     ds = ds.filter(lambda ex: tf.logical_not(ex["marker"]))
 
     def pre_check(ex):
-        report = schema.report_text(ex[schema.FINDINGS], ex[schema.IMPRESSION])
+        report = reports.join_sections(ex[schema.FINDINGS], ex[schema.IMPRESSION], report_order)
         code = tf.constant(0)
         if require_report:
             code = tf.where(tf.equal(tf.strings.length(report), 0), _CODE["empty_report"], 0)
@@ -521,6 +523,7 @@ def make_dataset(
     shuffle_buffer: int = 2048,
     compression_type: str = "auto",
     frontal_only: bool | None = None,
+    report_order: str = "findings_impression",
 ) -> tf.data.Dataset:
     """Batches of contract (a): image, token_ids, padding_mask, labels.
 
@@ -554,6 +557,7 @@ def make_dataset(
         shuffle_buffer=shuffle_buffer,
         compression_type=compression_type,
         frontal_only=frontal_only,
+        report_order=report_order,
     )
     if repeat:
         ds = ds.repeat()

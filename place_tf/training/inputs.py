@@ -74,6 +74,7 @@ def dataset_fn(cfg, tokenizer, global_batch: int, start_step: int = 0, skip_coun
             skip_counter=skip_counter,
             shuffle_buffer=d.shuffle_buffer,
             frontal_only=d.frontal_only,
+            report_order=d.report_order,
         )
         if replay:
             per_step = max(

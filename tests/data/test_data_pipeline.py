@@ -308,3 +308,20 @@ def test_label_only_examples_are_kept_for_image_tasks_and_skipped_for_text(tmp_p
     assert not task_data.has_report_text(d, "train") and task_data.has_report_text(corpus, "test")
     with pytest.raises(task_data.NoReportTextError, match=r"source 'chexpert'.*retrieval"):
         task_data.require_report_text(d, "test", "retrieval")
+
+
+def test_report_order_puts_impression_first_when_asked(tmp_path, tok):
+    """--report_order=impression_findings (MGCA's pretrain_dataset) reaches the tokens."""
+    path = _write(
+        str(tmp_path / "r.tfrecord"), [_example(3, findings="finding 3.", impression="finding 5.")]
+    )
+
+    def first_number(order):
+        ds = P.make_dataset(
+            path, "train", tok, 1, image_size=32, training=False, report_order=order
+        )
+        row = np.asarray(next(iter(ds))["token_ids"])[0]
+        return int(VOCAB[row[2]])
+
+    assert first_number("findings_impression") == 3
+    assert first_number("impression_findings") == 5
