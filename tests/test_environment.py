@@ -1,16 +1,5 @@
-"""The project environment: the locked stack imports, Keras is 3.x on TensorFlow, and the
-TFX runtime (LocalDagRunner + sqlite MLMD) runs a custom component end to end."""
-
-import pytest
-from tfx.dsl.component.experimental.annotations import OutputArtifact, Parameter
-from tfx.dsl.component.experimental.decorators import component
-from tfx.types.standard_artifacts import String
-
-
-@component
-def Hello(word: Parameter[str], out: OutputArtifact[String]):  # noqa: N802
-    """A one-step custom component: writes `word` upper-cased into its artifact."""
-    out.value = word.upper()
+"""The main job's environment: the locked stack imports and Keras is 3.x on TensorFlow.
+The TFX runtime is checked in test_environment_tfx.py (it needs glibc >= 2.39)."""
 
 
 def test_stack_versions():
@@ -23,50 +12,3 @@ def test_stack_versions():
     assert keras.__version__.startswith("3."), keras.__version__
     assert keras.backend.backend() == "tensorflow"
     assert keras_hub.__version__ == "0.32.0"
-
-
-def test_tfx_stack_imports():
-    import ml_metadata
-    import tensorflow_data_validation as tfdv
-    import tfx
-
-    assert tfx.__version__ == "1.21.0"
-    assert ml_metadata.__version__.startswith("1.21")
-    assert tfdv.__version__.startswith("1.21")
-
-
-def test_keras_is_keras3_after_tfx_import():
-    # tensorflow_transform sets TF_USE_LEGACY_KERAS=1; `import keras` must stay Keras 3.
-    import keras
-    import tensorflow_transform  # noqa: F401
-
-    assert keras.__version__.startswith("3.")
-
-
-@pytest.mark.slow
-def test_trivial_tfx_pipeline_with_mlmd(tmp_path):
-    from tfx import v1 as tfx
-
-    hello = Hello(word="place")
-    db = str(tmp_path / "mlmd.sqlite")
-    pipeline = tfx.dsl.Pipeline(
-        pipeline_name="env-check",
-        pipeline_root=str(tmp_path / "root"),
-        components=[hello],
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(db),
-    )
-    tfx.orchestration.LocalDagRunner().run(pipeline)
-
-    from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
-
-    cfg = metadata_store_pb2.ConnectionConfig()
-    cfg.sqlite.filename_uri = db
-    store = metadata_store.MetadataStore(cfg)
-    arts = store.get_artifacts_by_type("String")
-    assert len(arts) == 1
-    # A String artifact's payload is the file at its URI.
-    with open(arts[0].uri) as f:
-        assert f.read() == "PLACE"
-    execs = store.get_executions()
-    assert any(e.last_known_state == metadata_store_pb2.Execution.COMPLETE for e in execs)

@@ -205,7 +205,7 @@ if [ "$mode" != rootfs ] && ! glibc_at_least 2.27; then
 fi
 gpu=""
 if [ "$mode" != rootfs ] && want_gpu; then gpu="gpu"; fi
-log "environment kind: $mode${gpu:+ (with TensorFlow's CUDA wheels)}"
+log "environment kind: $mode${gpu:+ (with the CUDA wheels of TensorFlow)}"
 
 case "$mode" in
   venv)

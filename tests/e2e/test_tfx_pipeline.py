@@ -18,6 +18,9 @@ import pytest
 
 from place_tf.config import TINY_MODEL_FIELDS
 
+# TFX 1.21 needs glibc >= 2.39: `make test` runs these in the TFX environment.
+pytestmark = pytest.mark.tfx
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_TRAINING = {
     "objective": "place",
