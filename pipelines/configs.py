@@ -71,9 +71,11 @@ if os.environ.get("PLACE_TRAINING_JSON"):
 TRAIN_STEPS = int(_env("PLACE_TRAIN_STEPS", "60"))
 EVAL_STEPS = int(_env("PLACE_EVAL_STEPS", "5"))
 
-# Blessing: the candidate must reach these on the held-out split and must not be worse
-# than the latest blessed model by more than the tolerance.
+# Blessing (PlaceEvaluator): on the held-out split the candidate's probe AUROC must beat
+# its random-init twin's by min_gain_over_random_init, must not be worse than the latest
+# blessed model's by more than max_regression, and must reach the absolute floors.
 BLESSING = {
+    "min_gain_over_random_init": float(_env("PLACE_MIN_GAIN_OVER_RANDOM_INIT", "0.02")),
     "min_probe_auroc": float(_env("PLACE_MIN_PROBE_AUROC", "0.5")),
     "min_retrieval_p_at_5": float(_env("PLACE_MIN_P_AT_5", "0.0")),
     "max_regression": float(_env("PLACE_MAX_REGRESSION", "0.02")),
