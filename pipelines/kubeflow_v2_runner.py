@@ -5,8 +5,8 @@
         --pipeline_root gs://<bucket>/tfx --data_root gs://<bucket>/data/mimic
 
 The component image is built from pipelines/Dockerfile (requirements/tfx.lock), or for a
-Trainer on GPUs from pipelines/Dockerfile.gpu (requirements/tfx-gpu.lock, which runs every
-component too): `--trainer_gpus 1 --trainer_accelerator NVIDIA_L4` requests the
+Trainer on GPUs with `--build-arg LOCK=tfx-gpu.lock` (TensorFlow's CUDA wheels; it runs
+every component too): `--trainer_gpus 1 --trainer_accelerator NVIDIA_L4` requests the
 accelerator for the Trainer's container (a KFP v2 ResourceSpec; Vertex AI accelerator type
 names such as NVIDIA_L4, NVIDIA_TESLA_T4, NVIDIA_TESLA_A100, NVIDIA_H100_80GB).
 Data processing (StatisticsGen, ExampleGen, ...) runs on Dataflow with

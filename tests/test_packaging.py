@@ -135,6 +135,21 @@ def test_locks_pin_one_version_per_package_and_cover_the_declarations():
     assert gpu["tensorflow"] == core["tensorflow"] == tfx["tensorflow"]
 
 
+def test_component_image_matches_the_locks():
+    """The Dockerfile installs an existing lock (CPU and GPU variants) and copies the Beam
+    SDK boot entrypoint (Dataflow custom containers) of the locked apache-beam version."""
+    with open(os.path.join(REPO, "pipelines", "Dockerfile")) as f:
+        docker = f.read()
+    (beam,) = read_lock("tfx.lock")["apache-beam"]
+    assert f"ARG BEAM_VERSION={beam}\n" in docker
+    assert "FROM apache/beam_python3.13_sdk:${BEAM_VERSION} AS beam" in docker
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in docker
+    (default_lock,) = re.findall(r"^ARG LOCK=(\S+)$", docker, re.M)
+    for lock in (default_lock, *re.findall(r"--build-arg LOCK=(\S+)", docker)):
+        assert os.path.isfile(os.path.join(LOCKS, lock)), lock
+    assert "tfx-gpu.lock" in docker
+
+
 def _tiny_training_flags(corpus: str, model_dir: str, steps: int) -> list[str]:
     return [
         *(f"--{k}={v}" for k, v in TINY_MODEL_FIELDS.items()),
