@@ -61,7 +61,7 @@ bench-vs-pytorch:
 	tools/bench_vs_pytorch.sh
 
 bazel-test:
-	$(RUN) bash tools/bazel_test.sh
+	$(RUN) --tfx bash tools/bazel_test.sh
 
 # On a GPU host: 50 pretrain-size PLACE steps (bf16, XLA) printing img/s and MFU, and a
 # MirroredStrategy run when there are >= 2 GPUs.
