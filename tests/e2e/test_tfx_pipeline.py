@@ -75,6 +75,18 @@ def _pipeline_env(tmp_path, data_root):
     return env
 
 
+def _run_local_runner(env) -> subprocess.CompletedProcess:
+    """`python pipelines/local_runner.py` (LocalDagRunner in one process)."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     from place_tf.data import synthetic
@@ -164,14 +176,7 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
     # Second run, same pipeline and store, now requiring the candidate to beat its
     # random-init twin by more than an AUROC can: NOT_BLESSED, and nothing new is pushed.
     env["PLACE_MIN_GAIN_OVER_RANDOM_INIT"] = "1.0"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    proc = _run_local_runner(env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     blessings = sorted(store.get_artifacts_by_type("ModelBlessing"), key=lambda a: a.id)
     assert [b.custom_properties["blessed"].int_value for b in blessings] == [1, 0]
@@ -268,14 +273,7 @@ def test_corrupt_corpus_is_stopped_before_training_and_nothing_is_pushed(tmp_pat
     bad = tmp_path / "bad_corpus"
     _corrupt_corpus(tiny_corpus, str(bad))
     env = _pipeline_env(tmp_path, bad)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    proc = _run_local_runner(env)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "corpus rejected before training" in log
