@@ -46,8 +46,12 @@ lock:
 train:
 	$(RUN) python -m place_tf.train --flagfile=configs/quickstart.flags
 
+# The TFX CLI registers the pipeline under $LOCAL_HOME: kept in this clone's tfx_root (not
+# in ~/tfx, shared by every clone), created on the first run and updated on later ones.
+pipeline: export LOCAL_HOME = $(CURDIR)/tfx_root/cli
 pipeline:
-	$(RUN) --tfx tfx pipeline create --pipeline_path=$(CURDIR)/pipelines/local_runner.py --engine=local
+	$(RUN) --tfx tfx pipeline $$(test -d tfx_root/cli/place && echo update || echo create) \
+	  --pipeline_path=$(CURDIR)/pipelines/local_runner.py --engine=local
 	$(RUN) --tfx tfx run create --pipeline_name=place --engine=local
 
 compare:
