@@ -40,7 +40,8 @@ TRAINER_RUN_FN = "pipelines.trainer_module.run_fn"
 # same names as the CLI flags (place_tf/config.py). The quickstart's model
 # (configs/quickstart.flags) on half its images and two thirds of its steps: long enough
 # to learn, so that the default run is blessed against its random-init twin (README "TFX
-# pipeline" has the measured probe AUROCs and duration); 60 steps on 600 images were not.
+# pipeline" has the measured probe AUROCs and duration); 60 steps of a 1-layer model on
+# 600 images were not.
 TRAINING = {
     "objective": _env("PLACE_OBJECTIVE", "place"),
     "image_size": 64,
