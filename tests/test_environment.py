@@ -1,6 +1,10 @@
 """The main job's environment: the locked stack imports and Keras is 3.x on TensorFlow.
 The TFX runtime is checked in test_environment_tfx.py (it needs glibc >= 2.39)."""
 
+import sys
+
+import pytest
+
 
 def test_stack_versions():
     import keras
@@ -14,6 +18,9 @@ def test_stack_versions():
     assert keras_hub.__version__ == "0.32.0"
 
 
+@pytest.mark.skipif(
+    sys.prefix.startswith("/opt/place-tf/"), reason="tools/run is the host's launcher"
+)
 def test_tools_run_sends_only_tfx_commands_to_the_tfx_environment(tmp_path):
     """Split kind (glibc < 2.39): the main job runs in the host venv; TFX commands - the
     tfx CLI, a pipelines/ file or module, --tfx - go to the root filesystem, and a
