@@ -28,7 +28,8 @@ compile() {  # $1 = output lock, rest = uv arguments
 }
 
 compile requirements/tfx.lock --extra tfx --extra dev
-pins="$(mktemp)"
+# A fixed relative path: uv writes it into the locks' "via -c ..." annotations.
+pins=requirements/tfx-pins.txt
 trap 'rm -f "$pins"' EXIT
 # Pins without hashes (a constraint file carries no hashes).
 sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\)\( ; \([^\\]*\)\)\{0,1\}.*/\1 ; \3/p' requirements/tfx.lock \
