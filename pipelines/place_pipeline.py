@@ -71,6 +71,7 @@ def create_pipeline(
         min_probe_auroc=float(blessing["min_probe_auroc"]),
         min_retrieval_p_at_5=float(blessing["min_retrieval_p_at_5"]),
         max_regression=float(blessing["max_regression"]),
+        min_gain_over_random_init=float(blessing["min_gain_over_random_init"]),
     )
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],

@@ -6,6 +6,10 @@ split's reports, not in a separate component: the stock Trainer accepts no custo
 artifact as input, and learning it inside the run keeps it next to the model that uses
 it — it is written into the Model artifact (`Format-Serving/assets/vocab.txt` and the
 run dir), so MLMD tracks it with the model's lineage.
+
+Beside the trained model (`Format-Serving`, what Pusher pushes) the Model artifact holds
+its random-init twin (`Format-RandomInit`: the same architecture and tokenizer, weights
+at a fresh initialisation), the reference PlaceEvaluator's blessing must beat.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ import os
 
 from absl import logging
 from tfx.components.trainer.fn_args_utils import FnArgs
+
+RANDOM_INIT_SUBDIR = "Format-RandomInit"
+
+
+def random_init_dir(serving_model_dir: str) -> str:
+    """Where the random-init twin is exported: beside `Format-Serving` in the Model artifact."""
+    return os.path.join(os.path.dirname(serving_model_dir.rstrip("/")), RANDOM_INIT_SUBDIR)
 
 
 def _reports(files: list[str], limit: int = 200_000):
@@ -63,14 +74,20 @@ def run_fn(fn_args: FnArgs) -> None:
     # tensorflow_transform (which switches tf.keras to Keras 2).
     assert isinstance(trainer.model, keras.Model) and keras.__version__.startswith("3.")
     from place_tf import export as export_lib
+    from place_tf.evaluate import linear_probe
 
-    export_lib.export_saved_model(
-        trainer.model,
-        trainer.tokenizer,
-        fn_args.serving_model_dir,
-        image_size=cfg.data.image_size,
-        require_version=False,  # TFX's Format-Serving; Pusher versions it
-    )
+    twin = linear_probe.random_init_twin_for(trainer.model, int(cfg.train.seed))
+    for model, out_dir in (
+        (trainer.model, fn_args.serving_model_dir),
+        (twin, random_init_dir(fn_args.serving_model_dir)),
+    ):
+        export_lib.export_saved_model(
+            model,
+            trainer.tokenizer,
+            out_dir,
+            image_size=cfg.data.image_size,
+            require_version=False,  # TFX's Format-Serving; Pusher versions it
+        )
     logging.info(
         "run_fn: %d steps, final loss %.4f; SavedModel in %s",
         summary["steps"],

@@ -193,7 +193,7 @@ def _check_safetensors(path: str) -> None:
     except ImportError as e:  # pragma: no cover - the lock pins it
         raise CheckpointError(
             "reading Hugging Face checkpoints needs the `safetensors` package "
-            "(requirements.txt); install it"
+            "(a dependency in pyproject.toml; `make setup` installs it)"
         ) from e
     try:
         with safe_open(path, framework="np") as f:

@@ -6,8 +6,14 @@ Metrics, computed through the exported signatures (what TF Serving will run):
   present in the corpus, macro average);
 - retrieval precision@5, image → report, on the test split (a hit shares the query's
   positive-label set), with reports embedded by `embed_text`.
-The candidate is blessed when it reaches the thresholds and, if a blessed baseline exists
-(Resolver: latest blessed model), is not worse than it by more than `max_regression`.
+The candidate is blessed when it beats what it must beat, on the same test images:
+- its random-init twin (the same architecture at a fresh initialisation, exported by the
+  Trainer beside it): probe AUROC at least `min_gain_over_random_init` higher, i.e. the
+  training taught the encoder something a random one does not already give the probe;
+- the latest blessed model (Resolver), if there is one: not worse by more than
+  `max_regression`;
+- and the absolute floors `min_probe_auroc` / `min_retrieval_p_at_5` (sanity bounds: on a
+  small test split chance alone crosses a floor either way, hence the comparisons).
 The ModelBlessing carries `blessed`, `current_model` and `current_model_id`, which Pusher
 and LatestBlessedModelStrategy read.
 """
@@ -101,10 +107,20 @@ def blessing_reasons(
     min_probe_auroc: float,
     min_retrieval_p_at_5: float,
     max_regression: float,
+    random_init: dict | None = None,
+    min_gain_over_random_init: float = 0.0,
 ) -> list[str]:
-    """Why the candidate is not blessed ([] = blessed): below an absolute threshold, or
-    worse than the latest blessed baseline by more than max_regression. NaN fails."""
+    """Why the candidate is not blessed ([] = blessed): below an absolute threshold, not
+    better than its random-init twin by min_gain_over_random_init, or worse than the latest
+    blessed baseline by more than max_regression. NaN fails."""
     reasons = []
+    if random_init is not None:
+        need = random_init["probe_auroc"] + min_gain_over_random_init
+        if not cand["probe_auroc"] >= need:
+            reasons.append(
+                f"probe AUROC {cand['probe_auroc']:.3f} does not beat its random-init twin's "
+                f"{random_init['probe_auroc']:.3f} by {min_gain_over_random_init}"
+            )
     if not cand["probe_auroc"] >= min_probe_auroc:
         reasons.append(f"probe AUROC {cand['probe_auroc']:.3f} < {min_probe_auroc}")
     if not cand["retrieval_p_at_5"] >= min_retrieval_p_at_5:
@@ -127,22 +143,33 @@ def PlaceEvaluator(  # noqa: N802 - TFX component naming
     min_probe_auroc: Parameter[float] = 0.5,
     min_retrieval_p_at_5: Parameter[float] = 0.0,
     max_regression: Parameter[float] = 0.02,
+    min_gain_over_random_init: Parameter[float] = 0.0,
 ):
+    from pipelines.trainer_module import RANDOM_INIT_SUBDIR
+
     cand = score_model(os.path.join(model.uri, SERVING_SUBDIR), examples.uri)
+    twin_dir = os.path.join(model.uri, RANDOM_INIT_SUBDIR)
+    if not os.path.isdir(twin_dir):
+        # Every model of this pipeline's Trainer has one; without it there is no fair test.
+        raise ValueError(f"PlaceEvaluator: the Model artifact has no random-init twin ({twin_dir})")
     result = {
         "candidate": cand,
+        "random_init": score_model(twin_dir, examples.uri),
         "baseline": None,
         "thresholds": {
             "min_probe_auroc": min_probe_auroc,
             "min_retrieval_p_at_5": min_retrieval_p_at_5,
             "max_regression": max_regression,
+            "min_gain_over_random_init": min_gain_over_random_init,
         },
     }
     if baseline_model is not None and baseline_model.uri != model.uri:
         result["baseline"] = score_model(
             os.path.join(baseline_model.uri, SERVING_SUBDIR), examples.uri
         )
-    reasons = blessing_reasons(cand, result["baseline"], **result["thresholds"])
+    reasons = blessing_reasons(
+        cand, result["baseline"], random_init=result["random_init"], **result["thresholds"]
+    )
     blessed = not reasons
     result["blessed"], result["reasons"] = blessed, reasons
     with open(os.path.join(evaluation.uri, "evaluation.json"), "w") as f:
@@ -155,8 +182,9 @@ def PlaceEvaluator(  # noqa: N802 - TFX component naming
         blessing.set_string_custom_property("baseline_model", baseline_model.uri)
         blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
     logging.info(
-        "PlaceEvaluator: blessed=%s %s metrics=%s",
+        "PlaceEvaluator: blessed=%s %s metrics=%s random init=%s",
         blessed,
         reasons,
         {k: v for k, v in cand.items() if k != "probe_per_label"},
+        {k: v for k, v in result["random_init"].items() if k != "probe_per_label"},
     )

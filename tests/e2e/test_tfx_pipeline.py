@@ -18,6 +18,9 @@ import pytest
 
 from place_tf.config import TINY_MODEL_FIELDS
 
+# TFX 1.21 needs glibc >= 2.39: `make test` runs these in the TFX environment.
+pytestmark = pytest.mark.tfx
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_TRAINING = {
     "objective": "place",
@@ -61,13 +64,27 @@ def _pipeline_env(tmp_path, data_root):
         PLACE_TRAINING_JSON=json.dumps(TINY_TRAINING),
         PLACE_BEAM_IN_MEMORY="1",
         # 4 steps on 120 images learn nothing: the probe AUROC on the ~12 test images is
-        # chance, above or below 0.5 by luck. This test is about the pipeline's mechanics
-        # (blessing recorded, model pushed); test_blessing_reasons covers the thresholds.
+        # chance, above or below 0.5 or the random-init twin's by luck. The first run is
+        # about the pipeline's mechanics (blessing recorded, model pushed), so it accepts
+        # any candidate; test_blessing_reasons covers the thresholds.
         PLACE_MIN_PROBE_AUROC="0.0",
+        PLACE_MIN_GAIN_OVER_RANDOM_INIT="-1.0",
         PYTHONPATH=REPO,
     )
     os.makedirs(env["HOME"], exist_ok=True)
     return env
+
+
+def _run_local_runner(env) -> subprocess.CompletedProcess:
+    """`python pipelines/local_runner.py` (LocalDagRunner in one process)."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +166,28 @@ def test_tfx_cli_runs_pipeline_and_pushes_a_servable_model(tmp_path, tiny_corpus
     assert emb.shape == (2, TINY_TRAINING["embed_dim"])
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
+    # The evaluator scored the candidate against its random-init twin, exported beside it.
+    evaluation = store.get_artifacts_by_type("ModelEvaluation")[0]
+    report = json.loads(open(os.path.join(evaluation.uri, "evaluation.json")).read())
+    assert report["blessed"] and report["reasons"] == []
+    assert report["random_init"]["num_test"] == report["candidate"]["num_test"] > 0
+    assert os.path.isfile(os.path.join(model.uri, "Format-RandomInit", "saved_model.pb"))
+
+    # Second run, same pipeline and store, now requiring the candidate to beat its
+    # random-init twin by more than an AUROC can: NOT_BLESSED, and nothing new is pushed.
+    env["PLACE_MIN_GAIN_OVER_RANDOM_INIT"] = "1.0"
+    proc = _run_local_runner(env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    blessings = sorted(store.get_artifacts_by_type("ModelBlessing"), key=lambda a: a.id)
+    assert [b.custom_properties["blessed"].int_value for b in blessings] == [1, 0]
+    evaluation = max(store.get_artifacts_by_type("ModelEvaluation"), key=lambda a: a.id)
+    report = json.loads(open(os.path.join(evaluation.uri, "evaluation.json")).read())
+    assert not report["blessed"]
+    assert any("does not beat its random-init twin's" in r for r in report["reasons"])
+    assert [d for d in os.listdir(serving) if d.isdigit()] == versions
+    pushes = sorted(store.get_artifacts_by_type("PushedModel"), key=lambda a: a.id)
+    assert [p.custom_properties["pushed"].int_value for p in pushes] == [1, 0]
+
 
 def test_local_runner_keeps_a_configured_corpus_and_refreshes_its_own(
     tmp_path, tiny_corpus, monkeypatch
@@ -190,6 +229,13 @@ def test_blessing_reasons():
     th = {"min_probe_auroc": 0.6, "min_retrieval_p_at_5": 0.2, "max_regression": 0.02}
     good = {"probe_auroc": 0.7, "retrieval_p_at_5": 0.3}
     assert blessing_reasons(good, None, **th) == []
+    # Against the random-init twin: 0.7 beats 0.64 by more than 0.05, not 0.66.
+    gain = {**th, "min_gain_over_random_init": 0.05}
+    assert blessing_reasons(good, None, random_init={"probe_auroc": 0.64}, **gain) == []
+    (r,) = blessing_reasons(good, None, random_init={"probe_auroc": 0.66}, **gain)
+    assert r == "probe AUROC 0.700 does not beat its random-init twin's 0.660 by 0.05"
+    nan_twin = {"probe_auroc": float("nan")}
+    assert len(blessing_reasons(good, None, random_init=nan_twin, **gain)) == 1
     assert blessing_reasons(good, {"probe_auroc": 0.715}, **th) == []  # within tolerance
     (r,) = blessing_reasons(good, {"probe_auroc": 0.73}, **th)
     assert "below the blessed baseline's 0.730 by more than 0.02" in r
@@ -227,14 +273,7 @@ def test_corrupt_corpus_is_stopped_before_training_and_nothing_is_pushed(tmp_pat
     bad = tmp_path / "bad_corpus"
     _corrupt_corpus(tiny_corpus, str(bad))
     env = _pipeline_env(tmp_path, bad)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "pipelines", "local_runner.py")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    proc = _run_local_runner(env)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
     assert "corpus rejected before training" in log
@@ -258,6 +297,8 @@ def test_kubeflow_v2_runner_compiles_pipeline_json(tmp_path):
             f"--image={image}",
             "--pipeline_root=gs://bucket/root",
             "--data_root=gs://bucket/data",
+            "--trainer_gpus=2",
+            "--trainer_accelerator=NVIDIA_L4",
         ],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=REPO),
@@ -277,3 +318,12 @@ def test_kubeflow_v2_runner_compiles_pipeline_json(tmp_path):
     assert images == {image}
     # The Trainer runs our thin run_fn, importable from the image's /app.
     assert "pipelines.trainer_module.run_fn" in json.dumps(tasks["Trainer"])
+    # Only the Trainer's container asks for the accelerators.
+    label = pipeline_spec["components"][tasks["Trainer"]["componentRef"]["name"]]["executorLabel"]
+    accelerators = {
+        k: e["container"].get("resources", {}).get("accelerator")
+        for k, e in executors.items()
+        if "container" in e
+    }
+    assert accelerators.pop(label) == {"type": "NVIDIA_L4", "count": "2"}
+    assert set(accelerators.values()) == {None}
