@@ -46,7 +46,6 @@ def run_fn(fn_args: FnArgs) -> None:
     import keras
     import tensorflow as tf
 
-    from place_tf import train as train_lib
     from place_tf.data import tokenizer as tok
 
     settings = dict(fn_args.custom_config or {})
@@ -55,12 +54,14 @@ def run_fn(fn_args: FnArgs) -> None:
     run_dir = fn_args.model_run_dir
     tf.io.gfile.makedirs(run_dir)
     train_files = sorted(f for g in fn_args.train_files for f in tf.io.gfile.glob(g))
-    vocab_file = os.path.join(run_dir, "vocab.txt")
-    tok.learn_vocabulary(_reports(train_files), vocab_size, vocab_file)
+    if not settings.get("text_init"):
+        # A text checkpoint (--text_init) brings its own vocabulary; otherwise learn one.
+        vocab_file = os.path.join(run_dir, "vocab.txt")
+        tok.learn_vocabulary(_reports(train_files), vocab_size, vocab_file)
+        settings["vocab_file"] = vocab_file
     settings.update(
         train_files=",".join(train_files),
         eval_files=",".join(fn_args.eval_files),
-        vocab_file=vocab_file,
         model_dir=run_dir,
         max_steps=int(fn_args.train_steps),
     )
@@ -94,4 +95,3 @@ def run_fn(fn_args: FnArgs) -> None:
         summary["final_losses"].get("loss", float("nan")),
         fn_args.serving_model_dir,
     )
-    del train_lib
