@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     source = argv[0]
     parser = build_parser(source)
     args, beam_args = parser.parse_known_args(argv[1:])
+    # force: importing Beam may already have configured the root logger at WARNING (it
+    # warns through logging.warning when GCP's apitools is absent, as in the core venv),
+    # which would hide the progress and the final counts.
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     # Beam relays every worker log line at INFO; keep our counts readable.
     logging.getLogger("apache_beam").setLevel(str(args.beam_log_level).upper())
