@@ -84,14 +84,6 @@ def load_tokenizer(model, model_path: str = "", data_dir: str = "", vocab_file: 
     return tok.ReportTokenizer(vocab, max_length=mc.max_length)
 
 
-def random_init_twin(model, seed: int = 1):
-    """A freshly initialised PLACEModel with the same configs as `model` (the baseline of
-    "what did pre-training buy"). Seeds Keras' global RNG with `seed`."""
-    from place_tf.models import factory
-
-    return factory.twin_of(model, seed, build=False)
-
-
 def image_size_of(model) -> int:
     return int(model.model_config.image_size)
 

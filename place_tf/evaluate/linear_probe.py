@@ -777,4 +777,6 @@ def raw_pixel_probe(data_dir: str, image_size: int, names=None) -> dict:
 
 def random_init_twin_for(model, seed: int):
     """Random-init twin with a seed distinct from training's, so it is not the init itself."""
-    return emb_lib.random_init_twin(model, seed=seed + 1)
+    from place_tf.models import factory
+
+    return factory.twin_of(model, seed + 1, build=False)

@@ -215,7 +215,9 @@ def test_load_model_from_run_dir(model_file, tmp_path):
     # With model.keras beside it, the run directory always loads the trained weights.
     model.save(str(run_dir / "model.keras"))
     assert same(model, embeddings.load_model(str(run_dir)))
-    twin = embeddings.random_init_twin(model, seed=5)
+    from place_tf.models import factory
+
+    twin = factory.twin_of(model, 5, build=False)
     assert twin.model_config == model.model_config
     diffs = [
         not np.array_equal(a.numpy(), b.numpy())
