@@ -1,15 +1,7 @@
-"""The training input stream: tokenizer, shard list, and the per-pipeline dataset function
+"""The training input stream: shard list and the per-pipeline dataset function
 of a run that starts (or resumes) at a given step, distributed over the replicas."""
 
 from __future__ import annotations
-
-
-def tokenizer(data_cfg, text_init: str = ""):
-    """The run's ReportTokenizer: the text checkpoint's vocabulary and casing when the text
-    encoder starts from one, else --vocab_file or the corpus's vocab.txt."""
-    from place_tf.data import tokenizer as tok
-
-    return tok.report_tokenizer(data_cfg, text_init)
 
 
 def _expand(globs: str, flag: str) -> list[str]:

@@ -105,6 +105,7 @@ class Trainer:
         import tensorflow as tf
 
         from place_tf.data import pipeline
+        from place_tf.data import tokenizer as tok
 
         c, t = self.cfg, self.cfg.train
         os.makedirs(t.model_dir, exist_ok=True)
@@ -114,7 +115,8 @@ class Trainer:
         chief = distribute.is_chief(strategy)
         corpus, num_train = self._corpus()
         total = setup.total_steps(t, num_train, global_batch)
-        self.tokenizer = tokenizer = inputs.tokenizer(c.data, c.model.text_init)
+        # The text checkpoint's vocabulary and casing, else --vocab_file / the corpus's.
+        self.tokenizer = tokenizer = tok.report_tokenizer(c.data, c.model.text_init)
         # The encoders' architecture comes from their checkpoints when they start from one.
         model_cfg = pretrained.resolve_model_config(
             dataclasses.replace(
